@@ -1,0 +1,163 @@
+"""Ignite/MONAI handlers the method adds, reusable from configs.
+
+- `AtomicCheckpointSaver`: MONAI's CheckpointSaver writes with `atomic=False` and, with a
+  fixed filename, deletes the old file before writing the new one; a kill in between
+  loses the checkpoint. This subclass keeps MONAI's logic and swaps in a saver that
+  writes a temporary file and renames it over the old one.
+- `ResumeFromCheckpoint`: MONAI's CheckpointLoader, skipped when no checkpoint exists yet,
+  so the same config starts fresh or resumes.
+- `LambdaEScheduler`: sets lambda_E(t) on the trainer at the start of every epoch.
+- `ValidationReport`: prints the best validation table at the end of training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
+
+from .common import atomic_write_text
+from .losses import lambda_e
+
+
+class _AtomicDiskSaver(DiskSaver):
+    """Ignite DiskSaver with an optional fixed filename and atomic replacement."""
+
+    def __init__(self, dirname: str, filename: str | None = None):
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
+
+    def __call__(self, checkpoint, filename, metadata=None) -> None:
+        target = self.filename or filename
+        super().__call__(checkpoint=checkpoint, filename=target, metadata=metadata)
+        # atomic writes go through mkstemp (mode 0600); give the usual read permissions back
+        os.chmod(Path(self.dirname) / target, 0o644)
+
+    def remove(self, filename: str) -> None:
+        # With a fixed name the new file atomically replaces the old one: removing it first
+        # (ignite's order) would leave a window with no checkpoint at all.
+        if self.filename is None:
+            super().remove(filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI CheckpointSaver whose files are written atomically.
+
+    `interval_filename` gives the interval checkpoint a fixed name (e.g. "last.pt") so a
+    killed run can be resumed from a known path.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, interval_filename: str | None = None, **kwargs):
+        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        fixed_names = {
+            "_final_checkpoint": kwargs.get("final_filename"),
+            "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
+            "_interval_checkpoint": interval_filename,
+        }
+        for attribute, filename in fixed_names.items():
+            checkpoint = getattr(self, attribute, None)
+            if checkpoint is not None:
+                checkpoint.save_handler = _AtomicDiskSaver(save_dir, filename)
+        if interval_filename is not None and self._interval_checkpoint is not None:
+            self._interval_checkpoint.n_saved = 1
+
+    def state_dict(self) -> dict:
+        """The best-metric tracking list, so a resumed run keeps the true best model."""
+        checkpoint = self._key_metric_checkpoint
+        return checkpoint.state_dict() if checkpoint is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            super().load_state_dict(state_dict)
+
+
+class ResumeFromCheckpoint(CheckpointLoader):
+    """Resume from `load_path` when it exists; start fresh (and say so) when it does not."""
+
+    def __init__(self, load_path: str, load_dict: dict, enabled: bool = True, **kwargs):
+        super().__init__(load_path=str(load_path), load_dict=load_dict, **kwargs)
+        self.enabled = enabled
+
+    def __call__(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        if not Path(self.load_path).is_file():
+            self.logger.info(f"no checkpoint at {self.load_path}: starting a new run")
+            return
+        super().__call__(engine)
+        self.logger.info(f"resumed at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+
+
+class LambdaEScheduler:
+    """Set `engine.lambda_e` from the configured schedule at every epoch start (1-based t)."""
+
+    def __init__(self, schedule: str = "paper", rampup_epochs: float = 15.0, gamma: float = 2.0, value: float = 1.0):
+        lambda_e(1, schedule, rampup_epochs, gamma, value)  # validate the arguments now, not mid-run
+        self.schedule, self.rampup_epochs, self.gamma, self.value = schedule, rampup_epochs, gamma, value
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        engine.lambda_e = lambda_e(engine.state.epoch, self.schedule, self.rampup_epochs, self.gamma, self.value)
+        engine.logger.info(f"epoch {engine.state.epoch}: lambda_E = {engine.lambda_e:.4g}")
+
+
+class ValidationReport:
+    """At the end of training, print and save the table of the best validation epoch."""
+
+    def __init__(self, validator, output_path: str | None = None, name: str | None = None):
+        self.validator = validator
+        self.output_path = output_path
+        self.logger = logging.getLogger(name or __name__)
+        self.best: dict | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.validator.add_event_handler(Events.EPOCH_COMPLETED, self._remember_best)
+        engine.add_event_handler(Events.COMPLETED, self.report)
+
+    def _remember_best(self, validator: Engine) -> None:
+        # Compared here rather than read from validator.state so a resumed run (whose new
+        # validator starts with no best) keeps the best of the whole run.
+        key = validator.state.key_metric_name
+        score = float(validator.state.metrics[key])
+        if self.best is None or score > float(self.best[key]):
+            self.best = {"epoch": int(validator.state.epoch), **{k: float(v) for k, v in validator.state.metrics.items()}}
+
+    def state_dict(self) -> dict:
+        return {"best": self.best or {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = dict(state.get("best") or {}) or None
+
+    def report(self, engine: Engine) -> None:
+        if self.best is None:
+            self.logger.warning("no validation ran: no table to report")
+            return
+        table = format_validation_table(self.best)
+        print(table, flush=True)
+        if self.output_path:
+            atomic_write_text(self.output_path, table + "\n")
+
+
+def format_validation_table(metrics: dict) -> str:
+    """Markdown table: rows = maps (modalities, fused), columns = DSC and slice accuracy."""
+    names = sorted({key.split("val_dsc_", 1)[1] for key in metrics if key.startswith("val_dsc_")},
+                   key=lambda n: (n == "fused", n))
+    lines = [
+        f"Validation at the best epoch ({metrics.get('epoch', '?')}): per-volume DSC at threshold 0.5",
+        "",
+        "| map | DSC (%) | slice accuracy (%) |",
+        "|---|---|---|",
+    ]
+    for name in names:
+        dsc = 100 * float(metrics[f"val_dsc_{name}"])
+        acc = metrics.get(f"val_acc_{name}")
+        acc_text = f"{100 * float(acc):.1f}" if acc is not None else "-"
+        lines.append(f"| {name} | {dsc:.1f} | {acc_text} |")
+    return "\n".join(lines)

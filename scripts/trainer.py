@@ -1,0 +1,261 @@
+"""The K-network MONAI trainer of the method, and its per-volume validator.
+
+`CMERTrainer` subclasses MONAI's `Trainer` (the engine, events, handlers, AMP scaler and
+metrics stay MONAI's) and overrides one iteration: draw one transform pi for the batch,
+run each modality network once over the original and transformed views together, compute
+Eq. 8 for every network and step K optimisers. Because everything taken from a partner
+network is detached, one backward over the sum of the K losses gives every network
+exactly the gradient of its own loss (tests check this), which is cheaper than K
+backwards in turn.
+
+`CAMValidator` subclasses MONAI's `Evaluator`: one iteration = one validation volume,
+whose axial slices go through every network in batches; per-volume DSC per modality and
+for the fused map, and slice classification accuracy, are averaged by ignite metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from ignite.metrics import Average
+from monai.engines import Evaluator, Trainer
+from monai.engines.utils import IterationEvents
+from monai.metrics import compute_dice
+
+from .common import MODALITIES, TUMOUR_CHANNEL
+from .losses import CMERObjective, FullSupervisionObjective, tumour_cam
+
+
+class TransformSampler:
+    """Draws one equivariance transform per minibatch from its own seeded generator.
+
+    Its generator state is checkpointed (state_dict) so a resumed run continues the
+    same stream of transforms.
+    """
+
+    def __init__(self, kinds=("flip", "rotation", "scale", "translation"), config: dict | None = None, seed: int = 0):
+        from . import equivariance
+
+        self.kinds = list(kinds or [])
+        self.config = dict(config or {})
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self._draw_from = equivariance.draw_from
+
+    def draw(self, batch_size: int, height: int, width: int):
+        if not self.kinds:
+            raise ValueError("the objective needs a transform but no transform kinds are configured")
+        return self._draw_from(self.kinds, batch_size, height, width, self.generator, self.config)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class ModalityOptimizers:
+    """One AdamW per modality network (Algorithm 1), checkpointable as one object."""
+
+    def __init__(self, network, lr: float = 5e-5, weight_decay: float = 0.1, betas=(0.9, 0.999)):
+        self.optimizers = [
+            torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+            for net in network.nets
+        ]
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def step(self, scaler=None) -> None:
+        for optimizer in self.optimizers:
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+        if scaler is not None:
+            scaler.update()
+
+    def state_dict(self) -> dict:
+        return {f"optimizer_{k}": opt.state_dict() for k, opt in enumerate(self.optimizers)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, optimizer in enumerate(self.optimizers):
+            optimizer.load_state_dict(state[f"optimizer_{k}"])
+
+
+def build_objective(kind: str = "weak", config: dict | None = None):
+    """`weak` = Eq. 8 with the configured switches; `full_supervision` = Dice + CE upper bound."""
+    if kind == "weak":
+        return CMERObjective(config)
+    if kind == "full_supervision":
+        return FullSupervisionObjective(**(config or {}))
+    raise ValueError(f"objective kind must be 'weak' or 'full_supervision', got {kind!r}")
+
+
+class CMERTrainer(Trainer):
+    """Trains the K modality networks of a `MultiModalCAM` with Eq. 8."""
+
+    def __init__(self, device, max_epochs: int, train_data_loader, network, optimizers: ModalityOptimizers,
+                 objective, transform_sampler: TransformSampler | None = None, train_handlers=None,
+                 amp: bool = False, epoch_length: int | None = None, non_blocking: bool = False,
+                 concat_views: bool = True):
+        super().__init__(
+            device=device, max_epochs=max_epochs, data_loader=train_data_loader, epoch_length=epoch_length,
+            non_blocking=non_blocking, handlers=train_handlers, amp=amp, decollate=False,
+        )
+        self.network = network
+        self.modalities = list(network.modalities)
+        self.optimizers = optimizers
+        self.objective = objective
+        self.transform_sampler = transform_sampler
+        self.concat_views = concat_views
+        self.lambda_e = 1.0  # set each epoch by LambdaEScheduler when configured
+
+    def forward_views(self, images: torch.Tensor, images_t: torch.Tensor | None):
+        """Each network sees [x ; pi(x)] in one forward when the canvases match."""
+        maps_o, maps_t = [], [] if images_t is not None else None
+        batch = images.shape[0]
+        same_canvas = images_t is not None and images_t.shape[-2:] == images.shape[-2:]
+        for k, net in enumerate(self.network.nets):
+            view = images[:, k:k + 1]
+            if images_t is None:
+                maps_o.append(net(view))
+            elif same_canvas and self.concat_views:
+                both = net(torch.cat([view, images_t[:, k:k + 1]], dim=0))
+                maps_o.append(both[:batch])
+                maps_t.append(both[batch:])
+            else:  # the scale transform changes the canvas size: two forwards
+                maps_o.append(net(view))
+                maps_t.append(net(images_t[:, k:k + 1]))
+        return maps_o, maps_t
+
+    def _iteration(self, engine, batchdata: dict) -> dict:
+        device, non_blocking = engine.state.device, engine.non_blocking
+        images = batchdata["image"].to(device, non_blocking=non_blocking).float()
+        labels = batchdata["label"].to(device, non_blocking=non_blocking).long().view(-1)
+        mask = batchdata.get("mask")
+        mask = mask.to(device, non_blocking=non_blocking) if mask is not None else None
+        if images.shape[1] != len(self.modalities):
+            raise ValueError(
+                f"batch has {images.shape[1]} modality channels but the network has {len(self.modalities)} "
+                f"({self.modalities}): set the dataset's modalities to the network's"
+            )
+
+        transform = images_t = None
+        if getattr(self.objective, "needs_transform", False):
+            transform = self.transform_sampler.draw(images.shape[0], images.shape[-2], images.shape[-1])
+            images_t = transform.apply(images)
+        engine.state.output = {}
+        self.network.train()
+        self.optimizers.zero_grad()
+        with torch.autocast(device_type=device.type, enabled=bool(self.amp)):
+            maps_o, maps_t = self.forward_views(images, images_t)
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            result = self.objective(self.modalities, [m.float() for m in maps_o],
+                                    [m.float() for m in maps_t] if maps_t is not None else None,
+                                    labels, transform, float(self.lambda_e), mask)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if self.amp and self.scaler is not None:
+            self.scaler.scale(result.total).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            self.optimizers.step(self.scaler)
+        else:
+            result.total.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            self.optimizers.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+
+        output = {"loss": result.total.item(), "lambda_e": float(self.lambda_e)}
+        for name, terms in result.per_modality.items():
+            for term, value in terms.items():
+                output[f"{name}/{term}"] = value.item()
+        if transform is not None:
+            output["transform"] = transform.kind
+        engine.state.output = output
+        return output
+
+
+def loss_scalars(output: dict) -> dict:
+    """StatsHandler / TensorBoardStatsHandler output_transform: every scalar loss term."""
+    return {key: value for key, value in output.items() if isinstance(value, float)}
+
+
+def _average(key: str) -> Average:
+    return Average(output_transform=lambda out, key=key: out[key])
+
+
+class CAMValidator(Evaluator):
+    """Per-volume validation: CAMs of every slice, gated by the slice classifier, fused by max.
+
+    Slices without brain are given empty maps (they are not in the training index and
+    a classifier has no business there). Empty-truth volumes score DSC 1 when the
+    prediction is empty too and 0 otherwise (MONAI's ignore_empty=False).
+    """
+
+    def __init__(self, device, val_data_loader, network, slice_batch_size: int = 32, threshold: float = 0.5,
+                 gate: bool = True, map_kind: str = "cam", val_handlers=None, amp: bool = False):
+        if map_kind not in ("cam", "softmax"):
+            raise ValueError(f"map_kind must be 'cam' or 'softmax', got {map_kind!r}")
+        modalities = list(network.modalities)
+        names = modalities + (["fused"] if len(modalities) > 1 else [])
+        key = "val_dsc_fused" if len(modalities) > 1 else f"val_dsc_{modalities[0]}"
+        additional = {f"val_dsc_{n}": _average(f"dsc/{n}") for n in names if f"val_dsc_{n}" != key}
+        additional.update({f"val_acc_{m}": _average(f"acc/{m}") for m in modalities})
+        super().__init__(
+            device=device, val_data_loader=val_data_loader, key_val_metric={key: _average(key.replace("val_dsc_", "dsc/"))},
+            additional_metrics=additional, val_handlers=val_handlers, amp=amp, decollate=False,
+        )
+        self.network = network
+        self.modalities = modalities
+        self.slice_batch_size = slice_batch_size
+        self.threshold = threshold
+        self.gate = gate
+        self.map_kind = map_kind
+
+    @torch.no_grad()
+    def volume_maps(self, volume: torch.Tensor, brain_slices: torch.Tensor | None):
+        """volume (K, H, W, D) -> CAMs (K, H, W, D) gated, and slice tumour probabilities (K, D)."""
+        slices = volume.permute(3, 0, 1, 2)  # (D, K, H, W)
+        cams, probs = [], []
+        for start in range(0, slices.shape[0], self.slice_batch_size):
+            chunk = slices[start:start + self.slice_batch_size].to(self.state.device).float()
+            with torch.autocast(device_type=self.state.device.type, enabled=bool(self.amp)):
+                chunk_maps = [net(chunk[:, k:k + 1]).float() for k, net in enumerate(self.network.nets)]
+            chunk_probs = torch.stack([F.softmax(m.mean(dim=(2, 3)), dim=1)[:, TUMOUR_CHANNEL] for m in chunk_maps], 1)
+            if self.map_kind == "cam":
+                chunk_cams = torch.cat([tumour_cam(m) for m in chunk_maps], dim=1)  # (b, K, H, W)
+            else:  # a fully supervised network: pixel-wise softmax probability of tumour
+                chunk_cams = torch.cat([F.softmax(m, dim=1)[:, TUMOUR_CHANNEL:TUMOUR_CHANNEL + 1] for m in chunk_maps], 1)
+            if self.gate and self.map_kind == "cam":
+                chunk_cams = chunk_cams * (chunk_probs >= self.threshold).to(chunk_cams.dtype)[..., None, None]
+            cams.append(chunk_cams)
+            probs.append(chunk_probs)
+        cams = torch.cat(cams).permute(1, 2, 3, 0)  # (K, H, W, D)
+        probs = torch.cat(probs).permute(1, 0)  # (K, D)
+        if brain_slices is not None:
+            keep = brain_slices.to(cams.device).bool()
+            cams = cams * keep.to(cams.dtype)
+            probs = probs * keep.to(probs.dtype)
+        return cams, probs
+
+    def _iteration(self, engine, batchdata: dict) -> dict:
+        self.network.eval()
+        volume = batchdata["image"][0]
+        truth = batchdata["mask"][0, 0].to(engine.state.device) > 0.5  # (H, W, D)
+        brain = batchdata.get("brain")
+        brain = brain[0] if brain is not None else None
+        cams, probs = self.volume_maps(volume, brain)
+        slice_labels = truth.flatten(0, 1).any(dim=0)  # (D,)
+        maps = {m: cams[k] for k, m in enumerate(self.modalities)}
+        if len(self.modalities) > 1:
+            maps["fused"] = cams.max(dim=0).values
+        output = {}
+        for name, cam in maps.items():
+            pred = (cam >= self.threshold)[None, None].float()
+            output[f"dsc/{name}"] = compute_dice(pred, truth[None, None].float(), ignore_empty=False).item()
+        counted = brain.bool().to(probs.device) if brain is not None else torch.ones_like(slice_labels)
+        for k, name in enumerate(self.modalities):
+            correct = ((probs[k] >= self.threshold) == slice_labels) & counted
+            output[f"acc/{name}"] = (correct.sum() / counted.sum().clamp_min(1)).item()
+        engine.state.output = output
+        return output
