@@ -5,14 +5,10 @@ Submodules are imported lazily so that `$import scripts` in a config stays cheap
 """
 
 import importlib
-
-__all__ = [
-    "common", "phantom", "datasets", "networks", "equivariance", "losses",
-    "trainer", "handlers", "maps", "evaluation", "figures", "inference", "workflow",
-]
+import importlib.util
 
 
 def __getattr__(name):
-    if name in __all__:
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'scripts' has no attribute {name!r}")

@@ -79,6 +79,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o644)  # mkstemp makes owner-only files; outputs are meant to be shared
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from monai.visualize.visualizer import default_upsampler
 
 from scripts.common import MODALITIES, TUMOUR_CHANNEL
 
-METHODS = ("cam", "gradcampp")
+METHODS = ("cam", "gradcampp", "softmax")  # softmax: a fully supervised network's mask
 TTA_CHOICES = (None, "flips", "flips_rot90")
 FUSIONS = ("max", "mean")
 EPS = 1e-8  # the authors' normaliser constant
@@ -135,9 +135,16 @@ def _gradcampp_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     return normalise_per_sample(raw[:, 0]), _tumour_probability(maps.detach())
 
 
+def _softmax_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-wise softmax probability of tumour: the map of the full-supervision upper bound."""
+    maps = net(x)
+    return torch.softmax(maps, dim=1)[:, TUMOUR_CHANNEL], _tumour_probability(maps)
+
+
 _BATCH_FNS: dict[str, Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
     "cam": _cam_batch,
     "gradcampp": _gradcampp_batch,
+    "softmax": _softmax_batch,
 }
 
 
@@ -248,6 +255,8 @@ def augmented_maps(
     results = [_maps_of_view(net, x, view, method, batch_size) for view in views]
     mean_maps = torch.stack([m for m, _ in results]).mean(0)
     mean_probs = torch.stack([p for _, p in results]).mean(0)
+    if method == "softmax":  # already probabilities: no re-normalisation
+        return mean_maps, mean_probs
     return normalise_per_sample(mean_maps), mean_probs
 
 

@@ -242,7 +242,7 @@ class MultiModalCAM(torch.nn.Module):
         cam = max_normalise(maps)[:, self.tumour_channel]
         if self.gate:
             probability = torch.softmax(logits_from_maps(maps), dim=1)[:, self.tumour_channel]
-            keep = (probability >= self.gate_threshold).to(cam.dtype)
+            keep = (probability > self.gate_threshold).to(cam.dtype)  # as argmax: ties -> healthy
             cam = cam * keep[:, None, None]
         return cam
 

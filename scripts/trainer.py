@@ -92,13 +92,35 @@ def build_objective(kind: str = "weak", config: dict | None = None):
     raise ValueError(f"objective kind must be 'weak' or 'full_supervision', got {kind!r}")
 
 
+class TwoViewForward(torch.nn.Module):
+    """One call = one network over [x ; pi(x)]: a single forward when the canvases match.
+
+    Being one module call per iteration is also what DistributedDataParallel needs (a
+    second forward of the same DDP module before backward is an error).
+    """
+
+    def __init__(self, net: torch.nn.Module, concat_views: bool = True):
+        super().__init__()
+        self.net = net
+        self.concat_views = concat_views
+
+    def forward(self, view: torch.Tensor, view_t: torch.Tensor | None = None):
+        if view_t is None:
+            return self.net(view), None
+        if self.concat_views and view_t.shape[-2:] == view.shape[-2:]:
+            both = self.net(torch.cat([view, view_t], dim=0))
+            return both[: view.shape[0]], both[view.shape[0]:]
+        # the scale transform changes the canvas size: two passes
+        return self.net(view), self.net(view_t)
+
+
 class CMERTrainer(Trainer):
     """Trains the K modality networks of a `MultiModalCAM` with Eq. 8."""
 
     def __init__(self, device, max_epochs: int, train_data_loader, network, optimizers: ModalityOptimizers,
                  objective, transform_sampler: TransformSampler | None = None, train_handlers=None,
                  amp: bool = False, epoch_length: int | None = None, non_blocking: bool = False,
-                 concat_views: bool = True):
+                 concat_views: bool = True, training_nets=None):
         super().__init__(
             device=device, max_epochs=max_epochs, data_loader=train_data_loader, epoch_length=epoch_length,
             non_blocking=non_blocking, handlers=train_handlers, amp=amp, decollate=False,
@@ -108,25 +130,24 @@ class CMERTrainer(Trainer):
         self.optimizers = optimizers
         self.objective = objective
         self.transform_sampler = transform_sampler
-        self.concat_views = concat_views
         self.lambda_e = 1.0  # set each epoch by LambdaEScheduler when configured
+        # The modules that run the training forward: TwoViewForward around the network's own
+        # nets, or DistributedDataParallel around those; they share the nets' parameters, so
+        # checkpoints of `network` stay plain state dicts.
+        self.training_nets = (list(training_nets) if training_nets is not None
+                              else [TwoViewForward(net, concat_views) for net in network.nets])
+        if len(self.training_nets) != len(self.modalities):
+            raise ValueError(f"{len(self.training_nets)} training nets for {len(self.modalities)} modalities")
 
     def forward_views(self, images: torch.Tensor, images_t: torch.Tensor | None):
-        """Each network sees [x ; pi(x)] in one forward when the canvases match."""
+        """Run every modality network over its original and transformed views."""
         maps_o, maps_t = [], [] if images_t is not None else None
-        batch = images.shape[0]
-        same_canvas = images_t is not None and images_t.shape[-2:] == images.shape[-2:]
-        for k, net in enumerate(self.network.nets):
-            view = images[:, k:k + 1]
-            if images_t is None:
-                maps_o.append(net(view))
-            elif same_canvas and self.concat_views:
-                both = net(torch.cat([view, images_t[:, k:k + 1]], dim=0))
-                maps_o.append(both[:batch])
-                maps_t.append(both[batch:])
-            else:  # the scale transform changes the canvas size: two forwards
-                maps_o.append(net(view))
-                maps_t.append(net(images_t[:, k:k + 1]))
+        for k, net in enumerate(self.training_nets):
+            view_t = images_t[:, k:k + 1] if images_t is not None else None
+            out_o, out_t = net(images[:, k:k + 1], view_t)
+            maps_o.append(out_o)
+            if maps_t is not None:
+                maps_t.append(out_t)
         return maps_o, maps_t
 
     def _iteration(self, engine, batchdata: dict) -> dict:
@@ -227,7 +248,7 @@ class CAMValidator(Evaluator):
             else:  # a fully supervised network: pixel-wise softmax probability of tumour
                 chunk_cams = torch.cat([F.softmax(m, dim=1)[:, TUMOUR_CHANNEL:TUMOUR_CHANNEL + 1] for m in chunk_maps], 1)
             if self.gate and self.map_kind == "cam":
-                chunk_cams = chunk_cams * (chunk_probs >= self.threshold).to(chunk_cams.dtype)[..., None, None]
+                chunk_cams = chunk_cams * (chunk_probs > self.threshold).to(chunk_cams.dtype)[..., None, None]
             cams.append(chunk_cams)
             probs.append(chunk_probs)
         cams = torch.cat(cams).permute(1, 2, 3, 0)  # (K, H, W, D)
@@ -251,11 +272,11 @@ class CAMValidator(Evaluator):
             maps["fused"] = cams.max(dim=0).values
         output = {}
         for name, cam in maps.items():
-            pred = (cam >= self.threshold)[None, None].float()
+            pred = (cam > self.threshold)[None, None].float()  # as scripts.maps.binarise
             output[f"dsc/{name}"] = compute_dice(pred, truth[None, None].float(), ignore_empty=False).item()
         counted = brain.bool().to(probs.device) if brain is not None else torch.ones_like(slice_labels)
         for k, name in enumerate(self.modalities):
-            correct = ((probs[k] >= self.threshold) == slice_labels) & counted
+            correct = ((probs[k] > self.threshold) == slice_labels) & counted
             output[f"acc/{name}"] = (correct.sum() / counted.sum().clamp_min(1)).item()
         engine.state.output = output
         return output
