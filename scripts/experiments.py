@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,14 @@ class Run:
     name: str
     method: str  # a file of configs/methods/
     modalities: tuple[str, ...] = MODALITIES
+    overrides: tuple = ()  # (config id, value) pairs on top of the method preset
+
+
+# Improvement switches measured against the faithful default (docs/results.md).
+SWITCH_RUNS = (
+    Run("cmer+per_sample_sum", "cmer", overrides=(("objective#reduction", "per_sample_sum"),)),
+    Run("cmer+mask_out_of_field", "cmer", overrides=(("objective#mask_out_of_field", True),)),
+)
 
 
 @dataclass
@@ -53,10 +62,12 @@ class Plan:
 
 
 def full_plan() -> Plan:
-    runs = [Run(m, m) for m in BASELINES + ("cmer",)]
-    runs += [Run(f"cmer_{a}_{b}", "cmer", (a, b)) for a, b in PAIRS]
+    # Ordered by importance, so an interrupted experiment has the main comparison first.
+    runs = [Run("cam", "cam"), Run("seam_all", "seam_all"), Run("cmer", "cmer"), Run("seam_scale", "seam_scale")]
     runs += [Run(m, m) for m in ABLATIONS if m != "cmer"]
     runs.append(Run("full_supervision", "full_supervision"))
+    runs += [Run(f"cmer_{a}_{b}", "cmer", (a, b)) for a, b in PAIRS]
+    runs += list(SWITCH_RUNS)
     return Plan(runs)
 
 
@@ -84,7 +95,7 @@ def _workflow(files, run_id: str, overrides: dict):
 def train(run: Run, run_dir: Path, plan: Plan, common: dict) -> float:
     """Train one run with the bundle's training workflow; return the wall time in seconds."""
     files = _config_files("configs/train.yaml", *plan.presets, f"configs/methods/{run.method}.yaml")
-    overrides = {**common, **plan.overrides, "modalities": list(run.modalities),
+    overrides = {**common, **plan.overrides, **dict(run.overrides), "modalities": list(run.modalities),
                  "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "train")}
     start = time.time()
     workflow = _workflow(files, "training", overrides)
@@ -97,7 +108,7 @@ def evaluate(run: Run, run_dir: Path, plan: Plan, common: dict, modalities, ckpt
     """Evaluate a checkpoint on the test split with the bundle's evaluation workflow."""
     files = _config_files("configs/train.yaml", *plan.presets, f"configs/methods/{run.method}.yaml",
                           "configs/evaluate.yaml")
-    overrides = {**common, **plan.overrides, "modalities": list(modalities), "ckpt_path": str(ckpt_path),
+    overrides = {**common, **plan.overrides, **dict(run.overrides), "modalities": list(modalities), "ckpt_path": str(ckpt_path),
                  "output_dir": str(out_dir), "eval_title": f"{run.name} ({'-'.join(modalities)})"}
     if run.method == "full_supervision":  # a segmentation network: its softmax, ungated
         overrides.update(method="softmax", gate=False)
@@ -235,9 +246,10 @@ def overlay_figure(models: dict, common: dict, plan: Plan, out_png: Path):
 # ----------------------------------------------------------------------------- main
 
 
-def run_plan(plan: Plan, out_dir: Path, common: dict, only=None) -> dict:
+def run_plan(plan: Plan, out_dir: Path, common: dict, only=None, after_each=None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     results, pair_results, wall, models = {}, {}, {}, {}
+    outcome = {"results": results, "pair_results": pair_results, "wall": wall, "models": models}
     for run in plan.runs:
         if only and run.name not in only:
             continue
@@ -250,7 +262,7 @@ def run_plan(plan: Plan, out_dir: Path, common: dict, only=None) -> dict:
             wall[run.name] = train(run, run_dir, plan, common)
         print(f"\n=== evaluating {run.name} ===", flush=True)
         results[run.name] = evaluate(run, run_dir, plan, common, run.modalities, model, run_dir / "eval")
-        if tuple(run.modalities) == MODALITIES:
+        if tuple(run.modalities) == MODALITIES and not run.overrides:
             models[run.name] = model
         independent = run.method in BASELINES + ("full_supervision",)
         if independent and tuple(run.modalities) == MODALITIES:
@@ -258,14 +270,28 @@ def run_plan(plan: Plan, out_dir: Path, common: dict, only=None) -> dict:
                 sub = sub_checkpoint(model, MODALITIES, (a, b), run_dir / "models" / f"model_{a}_{b}.pt")
                 pair_results[(run.name, f"{a}_{b}")] = evaluate(run, run_dir, plan, common, (a, b), sub,
                                                                 run_dir / f"eval_{a}_{b}")
-    return {"results": results, "pair_results": pair_results, "wall": wall, "models": models}
+        if after_each is not None:
+            after_each(outcome)
+    return outcome
 
 
-def write_report(outcome: dict, plan: Plan, out_dir: Path, common: dict, command: str) -> Path:
+def table_switches(results: dict) -> str:
+    """The faithful default against each improvement switch (four modalities)."""
+    names = ["cmer"] + [r.name for r in SWITCH_RUNS]
+    order = ("t1", "t2", "t1c", "flair", "fused")
+    lines = ["| run | " + " | ".join(order) + " |", "|---" * (1 + len(order)) + "|"]
+    for n in names:
+        if n in results:
+            lines.append(f"| {n} | " + " | ".join(_cell(results[n], m) for m in order) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(outcome: dict, plan: Plan, out_dir: Path, common: dict, command: str, figures: bool = True) -> Path:
     results, pair_results = outcome["results"], outcome["pair_results"]
-    sweep_figures(results, out_dir)
-    if outcome["models"]:
-        overlay_figure(outcome["models"], common, plan, out_dir / "overlays.png")
+    if figures:
+        sweep_figures(results, out_dir)
+        if outcome["models"]:
+            overlay_figure(outcome["models"], common, plan, out_dir / "overlays.png")
     text = "\n".join([
         f"# Experiments ({time.strftime('%Y-%m-%d')})",
         "",
@@ -278,6 +304,7 @@ def write_report(outcome: dict, plan: Plan, out_dir: Path, common: dict, command
         "## Table I analogue: pairs", "", table_i(results, pair_results, plan.pairs),
         "## Table III analogue: ablation of the terms (four modalities, fused)", "", table_iii(results),
         "## Table V analogue: r_u = FN/TP, r_o = FP/TP (pooled)", "", table_v(results),
+        "## Improvement switches (DSC %, four modalities)", "", table_switches(results),
         "## Training wall time (s)", "",
         "| run | seconds |", "|---|---|",
         *[f"| {k} | {v:.0f} |" for k, v in outcome["wall"].items()],
@@ -318,8 +345,10 @@ def main(argv=None) -> int:
         except json.JSONDecodeError:
             plan.overrides[key] = value
     start = time.time()
-    outcome = run_plan(plan, out_dir, common, only=set(args.runs or []))
-    command = "python -m scripts.experiments " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python -m scripts.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
+    # tables after every run, so an interrupted experiment still leaves what it measured
+    partial = lambda outcome: write_report(outcome, plan, out_dir, common, command, figures=False)  # noqa: E731
+    outcome = run_plan(plan, out_dir, common, only=set(args.runs or []), after_each=partial)
     report = write_report(outcome, plan, out_dir, common, command)
     print(f"\n{report.read_text()}\nwrote {report} in {time.time() - start:.0f} s", flush=True)
     return 0

@@ -20,7 +20,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from .common import atomic_write_text
+from .common import MODALITIES, atomic_write_text
 from .losses import lambda_e
 
 
@@ -147,8 +147,8 @@ class ValidationReport:
 
 def format_validation_table(metrics: dict) -> str:
     """Markdown table: rows = maps (modalities, fused), columns = DSC and slice accuracy."""
-    names = sorted({key.split("val_dsc_", 1)[1] for key in metrics if key.startswith("val_dsc_")},
-                   key=lambda n: (n == "fused", n))
+    found = {key.split("val_dsc_", 1)[1] for key in metrics if key.startswith("val_dsc_")}
+    names = [m for m in MODALITIES if m in found] + sorted(found - set(MODALITIES))
     lines = [
         f"Validation at the best epoch ({metrics.get('epoch', '?')}): per-volume DSC at threshold 0.5",
         "",

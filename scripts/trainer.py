@@ -15,6 +15,10 @@ for the fused map, and slice classification accuracy, are averaged by ignite met
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
+
 import torch
 import torch.nn.functional as F
 from ignite.metrics import Average
@@ -114,17 +118,44 @@ class TwoViewForward(torch.nn.Module):
         return self.net(view), self.net(view_t)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+_HEAP_TRIM_BYTES = 1 << 30
+
+
+def keep_cpu_tensors_on_heap() -> bool:
+    """Make glibc serve large CPU tensors from its heap instead of fresh mmaps; True if applied.
+
+    glibc maps every allocation above 32 MB (e.g. one activation of a 2B x 64 x 128 x 128 batch)
+    afresh and unmaps it on free, so each training step page-faults and zeroes its whole
+    working set again: about a quarter of a CPU step (docs/performance.md). Served from the
+    heap, freed blocks are reused by the next step. Numerics are unchanged; the process keeps
+    its peak heap instead of returning it between steps.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_TRIM_BYTES))
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return False
+
+
 class CMERTrainer(Trainer):
-    """Trains the K modality networks of a `MultiModalCAM` with Eq. 8."""
+    """Trains the K modality networks of a `MultiModalCAM` with Eq. 8.
+
+    On a CPU device, `heap_allocations` (default on) applies `keep_cpu_tensors_on_heap`.
+    """
 
     def __init__(self, device, max_epochs: int, train_data_loader, network, optimizers: ModalityOptimizers,
                  objective, transform_sampler: TransformSampler | None = None, train_handlers=None,
                  amp: bool = False, epoch_length: int | None = None, non_blocking: bool = False,
-                 concat_views: bool = True, training_nets=None):
+                 concat_views: bool = True, training_nets=None, heap_allocations: bool = True):
         super().__init__(
             device=device, max_epochs=max_epochs, data_loader=train_data_loader, epoch_length=epoch_length,
             non_blocking=non_blocking, handlers=train_handlers, amp=amp, decollate=False,
         )
+        if heap_allocations and self.state.device is not None and self.state.device.type == "cpu":
+            keep_cpu_tensors_on_heap()
         self.network = network
         self.modalities = list(network.modalities)
         self.optimizers = optimizers

@@ -88,6 +88,6 @@ def test_training_run_writes_tensorboard_and_mlflow(tmp_path):
     for metric in ("loss", "lambda_e", "t1/L_C", "flair/L_CMER", "val_dsc_fused", "val_acc_flair"):
         assert metric in run.data.metrics, sorted(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 2  # one point per iteration
-    assert run.data.params["lr"] == "5e-05" and run.data.params["base_channels"] == "4"
+    assert run.data.params["lr"] == "0.001" and run.data.params["base_channels"] == "4"
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert any(a.startswith("config_") and a.endswith(".json") for a in artifacts), artifacts

@@ -1,0 +1,93 @@
+"""The benchmark runs and reports every row; its reference step is the same objective.
+
+Speeds are never asserted: these check that `--quick` works and that the table is complete.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts.benchmark import (
+    ReferenceStep,
+    Row,
+    Settings,
+    build_network,
+    make_trainer,
+    markdown_table,
+    synthetic_batch,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (area, a piece of the case) of every row a CPU --quick run must print.
+EXPECTED_ROWS = [
+    *[("training", f"K={k}, 32x32, B=16: {who}") for k in (1, 2, 4) for who in ("ours", "reference")],
+    ("data", "decode + cache one subject"),
+    ("data", "loader from cache"),
+    ("inference", "end to end"),
+    ("maps", "GradCAM++"),
+    ("maps", "max abs difference"),
+    ("maps", "pytorch-grad-cam"),
+    ("memory", "peak RSS"),
+    ("gpu path", "host syncs"),
+]
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "perf.md"
+    result = subprocess.run([sys.executable, "-m", "scripts.benchmark", "--quick", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, out.read_text()
+
+
+def _table_rows(text):
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| Area")]
+
+
+def test_quick_run_prints_one_table_with_every_row(quick_report):
+    stdout, written = quick_report
+    assert written.strip() == stdout.strip()
+    rows = _table_rows(stdout)
+    for area, case in EXPECTED_ROWS:
+        assert any(r.startswith(f"| {area} |") and case in r for r in rows), f"no row {area}: {case}\n{stdout}"
+    assert not [r for r in rows if "failed:" in r], stdout
+    assert stdout.count("| Area |") == 1
+
+
+def test_quick_report_states_the_machine(quick_report):
+    stdout, _ = quick_report
+    for fact in ("CPU:", "torch threads", "GPU:", "torch ", "monai ", "load average before"):
+        assert fact in stdout
+
+
+def test_every_training_row_has_a_ratio_and_verdict(quick_report):
+    stdout, _ = quick_report
+    for row in _table_rows(stdout):
+        if row.startswith("| training |"):
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert cells[4] and cells[6] in ("met", "**missed**"), row
+
+
+def test_markdown_table_escapes_pipes():
+    table = markdown_table([Row("a", "x | y", "1")])
+    assert table.splitlines()[2] == "| a | x / y | 1 |  |  |  |  |"
+
+
+def test_reference_step_gives_the_trainers_gradients():
+    """With two separate view passes (as the reference does), the trainer's one backward over
+    the summed losses and the reference's per-network backwards give the same gradients."""
+    torch.set_num_threads(1)
+    s = Settings(device=torch.device("cpu"), amp=False, quick=True, base_channels=4, sizes=(16,), batch_size=6,
+                 repeats=1, warmup=0)
+    batch = synthetic_batch(6, 2, 16, seed=1)
+    ours_net, reference_net = build_network(2, s), build_network(2, s)
+    make_trainer(ours_net, batch, 1, s, concat_views=False).run()
+    ReferenceStep(reference_net, s)(batch)
+    for (name, ours), reference in zip(ours_net.named_parameters(), reference_net.parameters()):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(ours, reference, msg=name)
