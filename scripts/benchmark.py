@@ -292,16 +292,19 @@ def build_network(k: int, s: Settings, seed: int = 0):
 # --------------------------------------------------------------------------- training: ours
 
 
-def cycling_sampler(kinds=CYCLED_KINDS):
-    """A TransformSampler that cycles through the kinds instead of drawing one at random."""
+def cycling_sampler(warmup: int = 0, kinds=CYCLED_KINDS):
+    """A TransformSampler that cycles through the kinds instead of drawing one at random.
+
+    The `warmup` untimed steps use the first kind, so the timed ones start the cycle.
+    """
     from scripts import equivariance
     from scripts.trainer import TransformSampler
 
     class CyclingSampler(TransformSampler):
-        draws = 0
+        draws = -warmup
 
         def draw(self, batch_size, height, width):
-            kind = self.kinds[self.draws % len(self.kinds)]
+            kind = self.kinds[max(self.draws, 0) % len(self.kinds)]
             self.draws += 1
             return equivariance.draw_transform(kind, batch_size, height, width, self.generator, self.config)
 
@@ -329,7 +332,7 @@ def make_trainer(network, batch: dict, steps: int, s: Settings, concat_views: bo
     return CMERTrainer(
         device=s.device, max_epochs=1, train_data_loader=[batch] * steps, epoch_length=steps, network=network,
         optimizers=ModalityOptimizers(network), objective=build_objective("weak", None),
-        transform_sampler=cycling_sampler(), train_handlers=[quiet_stats_handler()], amp=s.amp,
+        transform_sampler=cycling_sampler(s.warmup), train_handlers=[quiet_stats_handler()], amp=s.amp,
         concat_views=concat_views,
     )
 
@@ -367,6 +370,12 @@ def reference_loss(k: int, maps_o: list, maps_t: list, labels: torch.Tensor, tra
     return loss + lambda_e * equivariance
 
 
+def cuda_grad_scaler():
+    """torch.amp.GradScaler('cuda') (torch >= 2.3), else the older torch.cuda.amp one."""
+    scaler_class = getattr(torch.amp, "GradScaler", None)
+    return scaler_class("cuda") if scaler_class is not None else torch.cuda.amp.GradScaler()
+
+
 class ReferenceStep:
     """One training step the straightforward way, on its own networks and optimisers.
 
@@ -379,11 +388,11 @@ class ReferenceStep:
         self.network = network
         self.s = s
         self.cfg = ObjectiveConfig()
-        self.sampler = cycling_sampler()
+        self.sampler = cycling_sampler(s.warmup)
         self.optimizers = [torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
                            for net in network.nets]
         use_scaler = s.amp and s.device.type == "cuda"
-        self.scalers = [torch.amp.GradScaler("cuda") if use_scaler else None for _ in network.nets]
+        self.scalers = [cuda_grad_scaler() if use_scaler else None for _ in network.nets]
 
     def __call__(self, batch: dict, lambda_e: float = 1.0) -> dict:
         device = self.s.device
@@ -808,9 +817,18 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+class CappedOut(RuntimeError):
+    """The child ran out of its memory cap: its peak is at least the cap."""
+
+    def __init__(self, cap_gb: float):
+        super().__init__(f"over the {cap_gb:.1f} GB cap")
+        self.cap_gb = cap_gb
+
+
 def run_memory_child(spec: dict, timeout: float = 1800) -> dict:
-    """Peaks of one child process; on the CPU its data size is capped so that a too-large run
-    fails alone instead of pushing a shared machine into the OOM killer."""
+    """Peaks of one child process; on the CPU its data size is capped (70% of the available
+    memory) so that a too-large run fails alone instead of pushing a shared machine into the
+    OOM killer."""
     cap = available_memory_bytes()
     cap = int(cap * 0.7) if cap and spec["device"] == "cpu" else None
 
@@ -820,14 +838,22 @@ def run_memory_child(spec: dict, timeout: float = 1800) -> dict:
 
     command = [sys.executable, "-m", "scripts.benchmark", "--threads", str(torch.get_num_threads()),
                "--memory-child", json.dumps(spec)]
-    result = subprocess.run(command,
-                            cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+    result = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=timeout,
+                            preexec_fn=limit)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
+        if cap and ("alloc" in result.stderr.lower() or "memory" in result.stderr.lower()):
+            raise CappedOut(cap / GB)
         tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        cap_note = f" (data capped at {cap / GB:.1f} GB)" if cap else ""
-        raise RuntimeError(f"child exited with {result.returncode}{cap_note}: {tail}")
+        raise RuntimeError(f"child exited with {result.returncode}: {tail}")
     return json.loads(lines[-1])
+
+
+def peak_text(peak: dict | CappedOut, key: str) -> tuple[str, float]:
+    """('3.21 GB', 3.21), or ('> 6.0 GB (hit the cap)', 6.0) for a child that ran out of its cap."""
+    if isinstance(peak, CappedOut):
+        return f"> {peak.cap_gb:.1f} GB (hit the cap)", peak.cap_gb
+    return f"{peak[key]:.2f} GB", peak[key]
 
 
 def memory_rows(s: Settings) -> list[Row]:
@@ -839,17 +865,17 @@ def memory_rows(s: Settings) -> list[Row]:
     for kind in ("bare", "ours"):
         try:
             peaks[kind] = run_memory_child({**spec, "kind": kind})
-        except Exception as err:  # noqa: BLE001 - reported in the table
-            return [failed_row("memory", f"{case}: {kind}", err)]
-    ours, bare = peaks["ours"], peaks["bare"]
+        except CappedOut as capped:
+            peaks[kind] = capped
+    (ours_text, ours_gb), (bare_text, bare_gb) = peak_text(peaks["ours"], "rss_gb"), peak_text(peaks["bare"], "rss_gb")
     on_cpu = s.device.type == "cpu"
-    rows = [Row("memory", f"{case}: peak RSS, ours", f"{ours['rss_gb']:.2f} GB", f"bare nets {bare['rss_gb']:.2f} GB",
-                f"{ours['rss_gb'] / bare['rss_gb']:.2f}", f"< {MAX_TRAIN_RSS_GB:g} GB" if on_cpu else "",
-                verdict(ours["rss_gb"] < MAX_TRAIN_RSS_GB) if on_cpu else "n/a")]
+    rows = [Row("memory", f"{case}: peak RSS, ours (own process)", ours_text, f"bare nets {bare_text}",
+                f"{ours_gb / bare_gb:.2f}", f"< {MAX_TRAIN_RSS_GB:g} GB" if on_cpu else "",
+                verdict(ours_gb < MAX_TRAIN_RSS_GB) if on_cpu else "n/a")]
     if not on_cpu:
+        ours, bare = peaks["ours"], peaks["bare"]
         rows.append(Row("memory", f"{case}: peak GPU memory, ours", f"{ours['gpu_gb']:.2f} GB",
-                        f"bare nets {bare['gpu_gb']:.2f} GB", f"{ours['gpu_gb'] / bare['gpu_gb']:.2f}", "",
-                        "n/a"))
+                        f"bare nets {bare['gpu_gb']:.2f} GB", f"{ours['gpu_gb'] / bare['gpu_gb']:.2f}", "", "n/a"))
     return rows
 
 
@@ -926,6 +952,65 @@ def gpu_path_rows(s: Settings) -> list[Row]:
     ]
 
 
+# --------------------------------------------------------------------------- profile (--profile FILE)
+
+
+PHASES = ("data to device + transform + forward", "loss (Eq. 8)", "backward", "optimiser steps",
+          "logging (.item() of every term)")
+
+
+def phase_seconds(trainer, s: Settings) -> dict:
+    """Split ours' steps at the IterationEvents that CMERTrainer._iteration fires (device synced)."""
+    from ignite.engine import Events
+    from monai.engines.utils import IterationEvents
+
+    marks = (Events.ITERATION_STARTED, IterationEvents.FORWARD_COMPLETED, IterationEvents.LOSS_COMPLETED,
+             IterationEvents.BACKWARD_COMPLETED, IterationEvents.MODEL_COMPLETED, Events.ITERATION_COMPLETED)
+    stamps: dict = {}
+    totals = dict.fromkeys(PHASES, 0.0)
+
+    def stamp(engine, index) -> None:
+        synchronize(s.device)
+        stamps[index] = now()
+        if index == len(marks) - 1 and engine.state.iteration > s.warmup:
+            for phase, (a, b) in zip(PHASES, zip(range(5), range(1, 6))):
+                totals[phase] += (stamps[b] - stamps[a]) / s.repeats
+
+    for index, event in enumerate(marks):
+        trainer.add_event_handler(event, stamp, index)
+    trainer.run()
+    return totals
+
+
+def write_profile(s: Settings, path: str) -> None:
+    """Phase split of ours' step and torch.profiler's top operators, K = max, largest size."""
+    from torch.profiler import ProfilerActivity, profile
+
+    k, size = max(s.ks), s.largest
+    batch = synthetic_batch(s.batch_size, k, size)
+    phases = phase_seconds(make_trainer(build_network(k, s), batch, s.warmup + s.repeats, s), s)
+    bare = time_calls(BareStep(build_network(k, s), batch, s), s)
+    lines = [f"# Profile of ours' training step: K={k}, {size}x{size}, B={s.batch_size}, base {s.base_channels}, "
+             f"{s.device}{', AMP' if s.amp else ''} ({s.clock} clock, mean of {s.repeats})", "",
+             "| phase | seconds | share |", "|---|---|---|"]
+    total = sum(phases.values())
+    lines += [f"| {name} | {sec:.4f} | {sec / total:.1%} |" for name, sec in phases.items()]
+    lines += [f"| total | {total:.4f} | bare nets fwd+bwd {bare:.4f} s: overhead {total / bare:.2f} |", ""]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+    trainer = make_trainer(build_network(k, s), batch, 2, s)
+    trainer.run()  # warm-up
+    trainer = make_trainer(build_network(k, s), batch, 1, s)
+    with profile(activities=activities) as prof:
+        trainer.run()
+    keys = ("self_device_time_total", "self_cuda_time_total") if s.device.type == "cuda" else ("self_cpu_time_total",)
+    averages = prof.key_averages()
+    sort_by = next((key for key in keys if averages and hasattr(averages[0], key)), "self_cpu_time_total")
+    lines += ["```", averages.table(sort_by=sort_by, row_limit=30), "```", ""]
+    from scripts.common import atomic_write_text
+
+    atomic_write_text(path, "\n".join(lines))
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -936,9 +1021,27 @@ def guarded(area: str, make_rows: Callable[[], list[Row]]) -> list[Row]:
         return [failed_row(area, area, err)]
 
 
+class PartLog(dict):
+    """Rows per part; each part's rows also go to the progress stream as soon as they exist,
+    so a run that is cut short still leaves its figures behind."""
+
+    def __init__(self, progress: Callable[[str], None]):
+        super().__init__()
+        self.progress = progress
+
+    def __setitem__(self, part: str, rows: list[Row]) -> None:
+        super().__setitem__(part, rows)
+        for row in rows:
+            self.progress(f"  {row.area} | {row.case} | {row.measured} | {row.compared} | {row.ratio} | {row.verdict}")
+
+
 def run_benchmark(s: Settings, progress: Callable[[str], None]) -> list[Row]:
-    rows: list[Row] = []
+    """Every part in turn; memory runs first, in children, while this process is still small."""
+    parts = PartLog(progress)
     consumed: dict = {}
+    if "memory" in s.parts:
+        progress("memory (subprocesses)")
+        parts["memory"] = guarded("memory", lambda: memory_rows(s))
     if s.device.type == "cpu":
         from scripts.trainer import keep_cpu_tensors_on_heap
 
@@ -947,25 +1050,25 @@ def run_benchmark(s: Settings, progress: Callable[[str], None]) -> list[Row]:
         work = Path(tmp)
         if "training" in s.parts:
             progress("training (ours, bare, reference)")
-            training, consumed = training_rows(s)
-            rows += training
+            parts["training"], consumed = training_rows(s)
         record = None
         if "data" in s.parts or "inference" in s.parts:
             progress("data")
             try:
                 data, record = data_rows(s, work, consumed)
-                rows += data if "data" in s.parts else []
-            except Exception as err:  # noqa: BLE001
-                rows.append(failed_row("data", "loader / cache", err))
+                parts["data"] = data if "data" in s.parts else []
+            except Exception as err:  # noqa: BLE001 - reported in the table
+                parts["data"] = [failed_row("data", "loader / cache", err)]
         if "inference" in s.parts and record is not None:
             progress("inference")
-            rows += guarded("inference", lambda: inference_rows(s, work, record))
-        for part, area, make_rows in (("maps", "maps", map_rows), ("memory", "memory", memory_rows),
-                                      ("gpu", "gpu path", gpu_path_rows)):
-            if part in s.parts:
-                progress(area)
-                rows += guarded(area, lambda make_rows=make_rows: make_rows(s))
-    return rows
+            parts["inference"] = guarded("inference", lambda: inference_rows(s, work, record))
+        if "maps" in s.parts:
+            progress("maps")
+            parts["maps"] = guarded("maps", lambda: map_rows(s))
+        if "gpu" in s.parts:
+            progress("gpu path")
+            parts["gpu"] = guarded("gpu path", lambda: gpu_path_rows(s))
+    return [row for part in PARTS for row in parts.get(part, [])]
 
 
 def report(s: Settings, rows: list[Row], load_before: str, command: str) -> str:
@@ -991,6 +1094,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall (default) or process: CPU seconds of this process (1 thread, shared CPU)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--profile", help="also write a profile of ours' step (phases + top operators) here")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -1011,8 +1115,8 @@ def main(argv=None) -> int:
     command = "python -m scripts.benchmark " + " ".join(sys.argv[1:] if argv is None else argv)
     load_before = load_line("before")
 
-    def progress(section: str) -> None:
-        print(f"[benchmark] {section} ...", file=sys.stderr, flush=True)
+    def progress(message: str) -> None:
+        print(message if message.startswith("  ") else f"[benchmark] {message} ...", file=sys.stderr, flush=True)
 
     rows = run_benchmark(s, progress)
     text = report(s, rows, load_before, command.strip())
@@ -1021,6 +1125,9 @@ def main(argv=None) -> int:
         from scripts.common import atomic_write_text
 
         atomic_write_text(args.out, text)
+    if args.profile:
+        progress("profile")
+        write_profile(s, args.profile)
     return 0
 
 

@@ -529,7 +529,7 @@ def _reader_for(path: str):
     return NibabelReader() if path.lower().endswith(NIFTI_SUFFIXES) else ITKReader()
 
 
-def _load_file(path: str, subject: str, role: str):
+def load_volume(path: str, subject: str, role: str):
     """One volume as a channel-first MetaTensor; every failure becomes a DataError naming the file."""
     from monai.transforms import LoadImaged
 
@@ -558,7 +558,7 @@ def _load_channels(record: dict, subject: str, allow_missing: bool):
     if "image4d" in record:
         path = record["image4d"]
         channels = canonical_modalities(record["channels"])
-        volume = _load_file(path, subject, "4D image")
+        volume = load_volume(path, subject, "4D image")
         if volume.shape[0] != len(channels):
             raise DataError(f"subject {subject}: 4D image {path} has {volume.shape[0]} channels, expected "
                             f"{len(channels)} ({', '.join(channels)}). Fix: use the 4-channel MSD Task01 image, or "
@@ -567,7 +567,7 @@ def _load_channels(record: dict, subject: str, allow_missing: bool):
         files = {m: path for m in channels}
     else:
         files = {canonical_modality(m): p for m, p in record["images"].items()}
-        loaded = {m: _load_file(p, subject, m) for m, p in files.items()}
+        loaded = {m: load_volume(p, subject, m) for m, p in files.items()}
         for modality, volume in loaded.items():
             if volume.shape[0] != 1:
                 raise DataError(f"subject {subject}: {modality} file {files[modality]} holds {volume.shape[0]} "
@@ -579,7 +579,7 @@ def _load_channels(record: dict, subject: str, allow_missing: bool):
     return loaded, files
 
 
-def _check_same_grid(volumes: dict, files: dict, subject: str) -> None:
+def check_same_grid(volumes: dict, files: dict, subject: str) -> None:
     """Every volume must share the first one's shape and affine (compared before reorientation)."""
     reference_name = next(iter(volumes))
     reference = volumes[reference_name]
@@ -609,12 +609,12 @@ def preprocess_subject(record: dict, spatial_size: Sequence[int] | None = None, 
     subject = str(record["subject"])
     loaded, files = _load_channels(record, subject, allow_missing)
     if record.get("seg"):
-        loaded["seg"] = _load_file(record["seg"], subject, "seg")
+        loaded["seg"] = load_volume(record["seg"], subject, "seg")
         files["seg"] = record["seg"]
         if loaded["seg"].shape[0] != 1:
             raise DataError(f"subject {subject}: seg file {record['seg']} holds {loaded['seg'].shape[0]} volumes; "
                             f"one 3D label map was expected.")
-    _check_same_grid(loaded, files, subject)
+    check_same_grid(loaded, files, subject)
     reference = next(iter(loaded.values()))
     data = {m: loaded.get(m, torch.zeros_like(reference)) for m in MODALITIES}  # zero-fill (allow_missing)
     data["seg"] = loaded.get("seg", torch.zeros_like(reference))

@@ -30,20 +30,18 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.data import ITKReader, MetaTensor, NibabelReader, NibabelWriter, decollate_batch
+from monai.data import MetaTensor, NibabelWriter, decollate_batch
 from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer, SliceInferer
-from monai.transforms import LoadImage, Transform
+from monai.transforms import Transform
 from monai.utils import convert_to_tensor
 
 from scripts.common import MODALITIES, atomic_path, canonical_modalities, canonical_modality
-from scripts.datasets import DataError, discover_subjects
+from scripts.datasets import DataError, check_same_grid, discover_subjects, load_volume
 from scripts.maps import FUSIONS, METHODS, TTA_CHOICES, augmented_maps, binarise, fuse_maps, gate_maps
 
 FUSED = "fused"
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-AFFINE_TOLERANCE = 1e-3  # mm; the same tolerance as the data layer's grid check
 TRAIN_HINT = "python -m monai.bundle run training --config_file configs/train.yaml"
 
 # ---------------------------------------------------------------------------------------
@@ -111,32 +109,6 @@ def find_inputs(dataset_dir=None, files=None, subject: str | None = None) -> lis
 # Loading (the first transform of the preprocessing)
 
 
-def _reader_for(path: str):
-    # LoadImage would pick a reader itself; an explicit one gives the same reader as training.
-    return NibabelReader() if path.lower().endswith(NIFTI_SUFFIXES) else ITKReader()
-
-
-def load_volume(path: str, subject: str, role: str) -> MetaTensor:
-    """One file as a float32 channel-first MetaTensor; every failure names subject, file and fix."""
-    if not os.path.isfile(path):
-        raise DataError(f"subject {subject}: {role} file {path} does not exist. Fix: check the path, or restore the file.")
-    try:
-        # The reader passed at call time is the only one tried (given at construction,
-        # LoadImage would fall back to every other reader, ITK's slowly, and bury the error).
-        volume = LoadImage(image_only=True, ensure_channel_first=True)(path, reader=_reader_for(path))
-    except Exception as err:  # nibabel / ITK raise many types (EOFError, zlib.error, RuntimeError, ...)
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        raise DataError(f"subject {subject}: cannot read {role} file {path} ({type(err).__name__}: {first_line}). "
-                        f"The file is unreadable or truncated. Fix: re-export or re-copy it as NIfTI.") from err
-    if volume.ndim != 4:
-        raise DataError(f"subject {subject}: {role} file {path} has shape {tuple(volume.shape[1:])}, not a 3D "
-                        f"volume. Fix: give one 3D volume per modality.")
-    bad = int((~torch.isfinite(volume)).sum())
-    if bad:
-        raise DataError(f"subject {subject}: {role} file {path} has {bad} NaN/inf voxels. Fix: replace them (e.g. by 0).")
-    return volume
-
-
 def _load_modalities(record: dict, wanted: Sequence[str]) -> tuple[dict, dict]:
     """{modality: (1, X, Y, Z) MetaTensor} of the wanted modalities the record has, and their files."""
     subject = str(record["subject"])
@@ -157,21 +129,6 @@ def _load_modalities(record: dict, wanted: Sequence[str]) -> tuple[dict, dict]:
             raise DataError(f"subject {subject}: {modality} file {path} holds {loaded[modality].shape[0]} volumes; "
                             f"one 3D volume per modality file was expected. Fix: split it, or list it as a 4D image.")
     return loaded, files
-
-
-def check_same_grid(volumes: Mapping[str, MetaTensor], files: Mapping[str, str], subject: str) -> None:
-    """All modalities must share one voxel grid (shape and affine), as the networks see them voxel-wise."""
-    ref_name = next(iter(volumes))
-    ref = volumes[ref_name]
-    for name, volume in volumes.items():
-        if tuple(volume.shape[1:]) != tuple(ref.shape[1:]):
-            raise DataError(f"subject {subject}: {name} file {files[name]} has shape {tuple(volume.shape[1:])} but "
-                            f"{ref_name} file {files[ref_name]} has {tuple(ref.shape[1:])}. Fix: resample it onto "
-                            f"the {ref_name} grid (co-register the modalities).")
-        if not np.allclose(np.asarray(volume.affine), np.asarray(ref.affine), atol=AFFINE_TOLERANCE):
-            raise DataError(f"subject {subject}: {name} file {files[name]} has another affine than {ref_name} file "
-                            f"{files[ref_name]}:\n{np.asarray(volume.affine).round(4)}\nvs\n"
-                            f"{np.asarray(ref.affine).round(4)}\nFix: resample it onto the {ref_name} grid or fix its header.")
 
 
 class LoadSubjectd(Transform):

@@ -26,7 +26,7 @@ from monai.engines import Evaluator, Trainer
 from monai.engines.utils import IterationEvents
 from monai.metrics import compute_dice
 
-from .common import MODALITIES, TUMOUR_CHANNEL
+from .common import TUMOUR_CHANNEL
 from .losses import CMERObjective, FullSupervisionObjective, tumour_cam
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from scripts.benchmark import (
+    DeviceAudit,
     ReferenceStep,
     Row,
     Settings,
@@ -91,3 +92,19 @@ def test_reference_step_gives_the_trainers_gradients():
     for (name, ours), reference in zip(ours_net.named_parameters(), reference_net.parameters()):
         torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-4, atol=1e-7, msg=name)
         torch.testing.assert_close(ours, reference, msg=name)
+
+
+def test_device_audit_sees_every_op_and_names_callers():
+    """On a CPU step every data-sized op produces a CPU tensor, so the fallback detector must
+    fire (on a GPU run the same detector must stay silent); nothing there is a host sync."""
+    torch.set_num_threads(1)
+    s = Settings(device=torch.device("cpu"), amp=False, quick=True, base_channels=4, sizes=(16,), batch_size=4,
+                 repeats=1, warmup=0)
+    trainer = make_trainer(build_network(2, s), synthetic_batch(4, 2, 16), 1, s)
+    audit = DeviceAudit(16 * 16)
+    with audit:
+        trainer.run()
+    assert audit.ops > 100
+    assert not audit.syncs
+    assert any("convolution" in what for what in audit.fallbacks)
+    assert all(" from " in what for what in audit.fallbacks)

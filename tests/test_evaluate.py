@@ -23,6 +23,7 @@ from scripts.evaluate import assemble
 from scripts.evaluation import evaluate_volumes
 from scripts.inference import CAMMapEvaluator
 from scripts.networks import MultiModalCAM
+from tests.stand_ins import CopyNet
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -32,23 +33,6 @@ MODALITIES = ["t1", "t1c", "t2", "flair"]
 SHAPE = (16, 16, 8)
 OUTPUT_FILES = ["overlay_Sub_000.png", "overlay_Sub_001.png", "per_subject.csv", "resolved_config.json",
                 "summary.csv", "summary.md", "threshold_sweep.csv", "threshold_sweep.png"]
-
-
-class CopyNet(nn.Module):
-    """Stand-in CAM network: tumour map = the input slice, healthy map = 0."""
-
-    def __init__(self):
-        super().__init__()
-        self.classifier = nn.Conv2d(1, 2, 1, bias=False)
-        with torch.no_grad():
-            self.classifier.weight.copy_(torch.tensor([0.0, 1.0]).view(2, 1, 1, 1))
-
-    def features(self, x):
-        return x
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
 
 class RampNet(CopyNet):
     """Stand-in whose tumour map is a positive ramp whatever the input (non-zero everywhere)."""

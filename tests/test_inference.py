@@ -22,6 +22,7 @@ from monai.bundle import ConfigWorkflow
 from scripts.datasets import DataError
 from scripts.inference import LoadSubjectd, find_inputs, record_from_files, require_checkpoint, subject_from_files
 from scripts.networks import MultiModalCAM
+from tests.stand_ins import CopyNet
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -33,23 +34,6 @@ SHAPE = (20, 12, 10)  # after RAS reorientation one in-plane axis is cropped to 
 PERMUTED = np.array([[0.0, 0.0, -2.0, 30.0], [-1.5, 0.0, 0.0, 20.0], [0.0, 1.0, 0.0, -10.0], [0.0, 0.0, 0.0, 1.0]])
 LPS = np.diag([-1.5, -1.0, 2.0, 1.0]) + np.array([[0, 0, 0, 12.0], [0, 0, 0, 8.0], [0, 0, 0, -5.0], [0, 0, 0, 0]])
 PAINT = (slice(8, 12), slice(4, 7), slice(3, 6))
-
-
-class CopyNet(nn.Module):
-    """Stand-in CAM network: tumour map = the input slice, healthy map = 0."""
-
-    def __init__(self):
-        super().__init__()
-        self.classifier = nn.Conv2d(1, 2, 1, bias=False)
-        with torch.no_grad():
-            self.classifier.weight.copy_(torch.tensor([0.0, 1.0]).view(2, 1, 1, 1))
-
-    def features(self, x):
-        return x
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
 
 class CopyCAM(nn.Module):
     """MultiModalCAM-shaped stand-in (`modalities`, `nets`)."""
