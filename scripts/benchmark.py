@@ -486,7 +486,7 @@ def measure_training(k: int, size: int, s: Settings) -> StepTimes:
     return times
 
 
-def training_rows(s: Settings) -> tuple[list[Row], dict]:
+def training_rows(s: Settings, progress: Callable[[str], None] = lambda message: None) -> tuple[list[Row], dict]:
     rows, consumed = [], {}
     for size in s.sizes:
         for k in s.ks:
@@ -507,6 +507,8 @@ def training_rows(s: Settings) -> tuple[list[Row], dict]:
             rows.append(Row("training", f"{case}: reference (authors' way)", f"{s.batch_size / reference:.2f} slices/s",
                             f"ours {s.batch_size / ours:.2f} slices/s", f"reference/ours {reference / ours:.2f}",
                             "> 1 (ours faster)", verdict(reference > ours)))
+            progress(f"  {case}: ours {s.batch_size / ours:.2f}, bare {s.batch_size / bare:.2f}, "
+                     f"reference {s.batch_size / reference:.2f} slices/s")
     return rows, consumed
 
 
@@ -1050,7 +1052,7 @@ def run_benchmark(s: Settings, progress: Callable[[str], None]) -> list[Row]:
         work = Path(tmp)
         if "training" in s.parts:
             progress("training (ours, bare, reference)")
-            parts["training"], consumed = training_rows(s)
+            parts["training"], consumed = training_rows(s, progress)
         record = None
         if "data" in s.parts or "inference" in s.parts:
             progress("data")
