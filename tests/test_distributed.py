@@ -129,7 +129,7 @@ def test_only_rank_zero_reports_and_saves(rank, monkeypatch):
     validate = _enabled_targets(parser, "validate#handlers")
     if rank == 0:
         assert train == ["LambdaEScheduler", "ValidationHandler", "StatsHandler", "TensorBoardStatsHandler", "ProgressBar"]
-        assert validate == ["StatsHandler", "TensorBoardStatsHandler", "@validate#best_model_saver"]
+        assert validate == ["StatsHandler", "TensorBoardStatsHandler", "@validate#best_model_saver", "CAMImageWriter"]
     else:  # the lambda_E schedule changes the loss; validation is sharded, its metrics all-reduced
         assert train == ["LambdaEScheduler", "ValidationHandler"]
         assert validate == ["@validate#best_model_saver"]

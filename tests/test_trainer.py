@@ -174,3 +174,26 @@ def test_best_model_saved_by_validation_metric(tmp_path):
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert set(state) == set(network.state_dict())  # a bare state dict, loadable by inference
     assert "| fused |" in (tmp_path / "validation.md").read_text()
+
+
+def test_cam_image_writer_logs_both_views_per_modality(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from scripts.handlers import CAMImageWriter
+
+    network = MultiModalCAM(["t1", "t2"], base_channels=4)
+    slices = _slices()
+    dataset = type("Slices", (), {"__len__": lambda self: len(slices), "__getitem__": lambda self, i: slices[i],
+                                  "labels": torch.tensor([int(s["label"]) for s in slices])})()
+    writer = CAMImageWriter(network, dataset, str(tmp_path), num_slices=2)
+    validator = CAMValidator(torch.device("cpu"), DataLoader(_volumes(), batch_size=1), network, val_handlers=[writer])
+    validator.run()
+    network.train()
+    writer(validator)
+    assert network.training  # the writer restores the mode it found
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["images"]
+    assert len(tags) == 2 and all("pi(x)" in t for t in tags)
+    image = events.Images(tags[0])[0]
+    assert image.height == 2 * SIZE + 3 * 2 and image.width == 2 * SIZE + 3 * 2  # 2 slices x (x, pi(x))
