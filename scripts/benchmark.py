@@ -128,7 +128,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise SystemExit(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
+    if args.ks and not set(args.ks) <= {1, 2, 3, 4}:
+        raise SystemExit(f"--ks: each K must be 1..4 (modalities), got {args.ks}")
     common = {"device": device, "amp": args.amp, "quick": args.quick, "batch_size": args.batch_size or 16,
+              "ks": tuple(args.ks or (1, 2, 4)),
               "warmup": 1 if args.warmup is None else args.warmup, "clock": args.clock, "parts": parts}
     if args.quick:
         return Settings(**common, base_channels=args.base_channels or 4, sizes=tuple(args.sizes or (32,)),
@@ -1089,6 +1092,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--base-channels", type=int, help="UNetCAM width (default 64, the paper's; quick 4)")
     parser.add_argument("--sizes", type=int, nargs="+", help="slice sizes (default 128 240; quick 32)")
     parser.add_argument("--batch-size", type=int, help="training batch (default 16)")
+    parser.add_argument("--ks", type=int, nargs="+", help="numbers of modality networks (default 1 2 4)")
     parser.add_argument("--repeats", type=int, help="timed repeats (default 4 = one per transform kind; quick 1)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up calls (default 1)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default torch's; quick 1: a shared "
