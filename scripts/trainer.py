@@ -119,7 +119,7 @@ class TwoViewForward(torch.nn.Module):
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
-_HEAP_TRIM_BYTES = 1 << 30
+_NEVER_TRIM = -1  # mallopt(M_TRIM_THRESHOLD, -1): never give the heap's top back to the OS
 
 
 def keep_cpu_tensors_on_heap() -> bool:
@@ -128,14 +128,15 @@ def keep_cpu_tensors_on_heap() -> bool:
     glibc maps every allocation above 32 MB (e.g. one activation of a 2B x 64 x 128 x 128 batch)
     afresh and unmaps it on free, so each training step page-faults and zeroes its whole
     working set again: about a quarter of a CPU step (docs/performance.md). Served from the
-    heap, freed blocks are reused by the next step. Numerics are unchanged; the process keeps
-    its peak heap instead of returning it between steps.
+    heap, without trimming (a trimmed top would be faulted in again by the next step), freed
+    blocks are reused by the next step. Numerics are unchanged; the process keeps its peak
+    heap instead of returning it between steps.
     """
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_TRIM_BYTES))
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM))
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
         return False
 
