@@ -1,8 +1,11 @@
 """Performance benchmark: one table of training, data, inference, map and memory figures.
 
     python -m scripts.benchmark [--quick] [--device cpu|cuda] [--amp] [--out FILE.md]
-                                [--base-channels 64] [--sizes 128 240] [--batch-size 16]
-                                [--repeats N] [--warmup N]
+                                [--base-channels 64] [--sizes 128 240] [--batch-size 16] [--ks 1 2 4]
+                                [--repeats N] [--warmup N] [--threads N] [--clock wall|process]
+                                [--parts training,data,inference,maps,memory,gpu] [--profile FILE.md]
+
+Results, targets and profiles of this machine: docs/performance.md.
 
 Everything is measured side by side in the same run on the same networks and inputs, and
 printed as ONE markdown table headed by the machine (CPU, cores, torch threads, GPU,
@@ -15,8 +18,8 @@ versions, load). Rows:
   (two forwards per network, one backward and optimiser step per network in turn, each
   network's loss recomputed with the others' maps detached). Ours, bare and reference run
   one after the other on fresh networks, each with its own warm-up steps.
-  Transform kinds are cycled (translation, scale, rotation, flip) so R repeats measure the
-  first R kinds, the most expensive first.
+  Transform kinds are cycled (translation, scale at its largest, rotation, flip) with fixed
+  parameters, so R repeats measure the first R kinds, the most expensive first.
 - data: slices/s the training DataLoader (SliceDataset over VolumeCache, train.yaml's
   batch size and workers) delivers from the cache versus what training consumes (K = 4 at
   the largest size), and the time to decode + cache one BraTS-size subject (synthetic
@@ -130,18 +133,19 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
     if args.ks and not set(args.ks) <= {1, 2, 3, 4}:
         raise SystemExit(f"--ks: each K must be 1..4 (modalities), got {args.ks}")
-    # Two warm-up steps on a CPU: the heap only reaches its steady layout once ours, bare and
-    # reference have each run twice; with one, ours' timed step still page-faults new heap.
-    default_warmup = 2 if device.type == "cpu" and not args.quick else 1
+    # Warm-up: on a CPU two steps (a method's heap reaches its steady layout on the second);
+    # on cuda one pass over the transform cycle (each new shape costs plan selection once).
+    repeats = args.repeats or (1 if args.quick else 4)
+    default_warmup = 1 if args.quick else (2 if device.type == "cpu" else min(repeats, len(CYCLED_KINDS)))
     common = {"device": device, "amp": args.amp, "quick": args.quick, "batch_size": args.batch_size or 16,
               "ks": tuple(args.ks or (1, 2, 4)),
               "warmup": default_warmup if args.warmup is None else args.warmup, "clock": args.clock, "parts": parts}
     if args.quick:
         return Settings(**common, base_channels=args.base_channels or 4, sizes=tuple(args.sizes or (32,)),
-                        repeats=args.repeats or 1, volume_depth=12, slice_batch_size=8, gradcam_slices=4)
+                        repeats=repeats, volume_depth=12, slice_batch_size=8, gradcam_slices=4)
     # With no warm-up, one inference volume is enough (the first one is the warm-up).
     return Settings(**common, base_channels=args.base_channels or 64, sizes=tuple(args.sizes or (128, 240)),
-                    repeats=args.repeats or 4, inference_volumes=1 if args.warmup == 0 else 2)
+                    repeats=repeats, inference_volumes=1 if args.warmup == 0 else 2)
 
 
 def train_config_value(key: str) -> int:
@@ -206,6 +210,7 @@ def machine_lines(s: Settings) -> list[str]:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "none used"
+    allocator = ", glibc heap for large tensors (trainer's keep_cpu_tensors_on_heap)" if s.device.type == "cpu" else ""
     return [
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- CPU: {cpu_model()}, {cores} cores usable, torch threads {torch.get_num_threads()}",
@@ -214,8 +219,7 @@ def machine_lines(s: Settings) -> list[str]:
         f"ignite {ignite.__version__}",
         f"- settings: device {s.device}, amp {s.amp}, base_channels {s.base_channels}, sizes {list(s.sizes)}, "
         f"batch {s.batch_size}, K {list(s.ks)}, repeats {s.repeats} (+{s.warmup} warm-up), "
-        f"{s.clock} clock, {'quick' if s.quick else 'full'} run"
-        + (", glibc heap for large tensors (scripts.trainer.keep_cpu_tensors_on_heap)" if s.device.type == "cpu" else ""),
+        f"{s.clock} clock, {'quick' if s.quick else 'full'} run{allocator}",
     ]
 
 
@@ -298,23 +302,33 @@ def build_network(k: int, s: Settings, seed: int = 0):
 # --------------------------------------------------------------------------- training: ours
 
 
-def cycling_sampler(warmup: int = 0, kinds=CYCLED_KINDS):
-    """A TransformSampler that cycles through the kinds instead of drawing one at random.
+def cycling_sampler(repeats: int, kinds=CYCLED_KINDS):
+    """A TransformSampler that replays a fixed cycle of transforms instead of drawing them.
 
-    The `warmup` untimed steps use the first kind, so the timed ones start the cycle.
+    Step i uses kinds[i % n], n = min(repeats, 4), with that kind's parameters drawn once
+    (the same for every method), and the scale at the top of its range (the largest canvas,
+    two passes): every method sees the same shapes, and a warm-up of n steps has met them all
+    (on a GPU a new shape costs kernel and cuDNN plan selection once).
     """
     from scripts import equivariance
     from scripts.trainer import TransformSampler
 
+    cycle = list(kinds)[:max(1, min(repeats, len(kinds)))]
+
     class CyclingSampler(TransformSampler):
-        draws = -warmup
+        draws = 0
 
         def draw(self, batch_size, height, width):
-            kind = self.kinds[max(self.draws, 0) % len(self.kinds)]
+            index = self.draws % len(cycle)
             self.draws += 1
-            return equivariance.draw_transform(kind, batch_size, height, width, self.generator, self.config)
+            config = dict(self.config)
+            if cycle[index] == "scale":
+                high = float(equivariance.resolve_config(config)["scale_range"][1])
+                config["scale_range"] = (high, high)
+            generator = torch.Generator().manual_seed(1000 + index)  # fixed parameters per kind
+            return equivariance.draw_transform(cycle[index], batch_size, height, width, generator, config)
 
-    return CyclingSampler(kinds, seed=0)
+    return CyclingSampler(cycle, seed=0)
 
 
 def quiet_stats_handler():
@@ -338,7 +352,7 @@ def make_trainer(network, batch: dict, steps: int, s: Settings, concat_views: bo
     return CMERTrainer(
         device=s.device, max_epochs=1, train_data_loader=[batch] * steps, epoch_length=steps, network=network,
         optimizers=ModalityOptimizers(network), objective=build_objective("weak", None),
-        transform_sampler=cycling_sampler(s.warmup), train_handlers=[quiet_stats_handler()], amp=s.amp,
+        transform_sampler=cycling_sampler(s.repeats), train_handlers=[quiet_stats_handler()], amp=s.amp,
         concat_views=concat_views,
     )
 
@@ -394,7 +408,7 @@ class ReferenceStep:
         self.network = network
         self.s = s
         self.cfg = ObjectiveConfig()
-        self.sampler = cycling_sampler(s.warmup)
+        self.sampler = cycling_sampler(s.repeats)
         self.optimizers = [torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
                            for net in network.nets]
         use_scaler = s.amp and s.device.type == "cuda"
@@ -905,6 +919,8 @@ class DeviceAudit(_dispatch_mode_base()):
     """
 
     SYNC_OPS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "is_nonzero", "equal")
+    # From pageable host memory a blocking upload waits for the queued GPU work: a hidden sync.
+    UPLOAD_OPS = ("_to_copy", "copy_", "_copy_from", "_copy_from_and_resize")
 
     def __init__(self, slice_numel: int):
         super().__init__()
@@ -912,6 +928,7 @@ class DeviceAudit(_dispatch_mode_base()):
         self.ops = 0
         self.fallbacks: Counter = Counter()
         self.syncs: Counter = Counter()
+        self.uploads: Counter = Counter()
 
     @staticmethod
     def _caller() -> str:
@@ -930,7 +947,10 @@ class DeviceAudit(_dispatch_mode_base()):
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         from_device = any(t.device.type != "cpu" for t in inputs)
         name = func.overloadpacket.__name__
-        if from_device and (name in self.SYNC_OPS or any(t.device.type == "cpu" for t in outputs)):
+        if name in self.UPLOAD_OPS and any(t.device.type == "cpu" for t in inputs) and \
+                any(t.device.type != "cpu" for t in outputs):
+            self.uploads[f"{name} from {self._caller()}"] += 1
+        elif from_device and (name in self.SYNC_OPS or any(t.device.type == "cpu" for t in outputs)):
             self.syncs[f"{name} from {self._caller()}"] += 1
         elif any(t.device.type == "cpu" and t.numel() >= self.slice_numel for t in outputs):
             self.fallbacks[f"{name} from {self._caller()}"] += 1
@@ -957,6 +977,9 @@ def gpu_path_rows(s: Settings) -> list[Row]:
         Row("gpu path", f"one step K={k} {size}x{size}: host syncs", f"{syncs}", detail,
             f"{logged} logged scalars + {extra} other", "only the logged scalars (and AMP's inf checks)",
             verdict(extra <= (k + 1 if s.amp else 0))),
+        Row("gpu path", f"one step K={k} {size}x{size}: host-to-device copies", f"{sum(audit.uploads.values())}",
+            "; ".join(f"{n}x {what}" for what, n in audit.uploads.most_common(6)) or "none", "",
+            "the batch and the transform's parameters, before the forward", "n/a"),
     ]
 
 
@@ -1096,8 +1119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", help="slice sizes (default 128 240; quick 32)")
     parser.add_argument("--batch-size", type=int, help="training batch (default 16)")
     parser.add_argument("--ks", type=int, nargs="+", help="numbers of modality networks (default 1 2 4)")
-    parser.add_argument("--repeats", type=int, help="timed repeats (default 4 = one per transform kind; quick 1)")
-    parser.add_argument("--warmup", type=int, help="untimed warm-up calls (default 2 on a CPU, 1 on cuda)")
+    parser.add_argument("--repeats", type=int, help="timed steps (default 4 = one per transform kind; quick 1)")
+    parser.add_argument("--warmup", type=int, help="untimed warm-up steps (default 2 on a CPU; on cuda one "
+                        "pass over the transform cycle)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default torch's; quick 1: a shared "
                         "CPU makes multi-threaded tiny ops stall at every barrier)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",

@@ -138,34 +138,50 @@ class FlipTransform(DrawnTransform):
         return self._forward(y)
 
 
-def _rotate_per_sample(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+def _rotation_groups(ks: torch.Tensor, device: torch.device) -> list[tuple[int, torch.Tensor]]:
+    """(k, indices on `device` of the samples rotated by k) for every distinct k."""
+    return [(int(k), torch.nonzero(ks == k).flatten().to(device)) for k in torch.unique(ks).tolist()]
+
+
+def _rotate_per_sample(x: torch.Tensor, ks: torch.Tensor | None = None,
+                       groups: list[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
     """Rotate sample b by ks[b] * 90 degrees; one rot90 per distinct k, not per sample."""
     out = torch.zeros_like(x)
-    for k in torch.unique(ks).tolist():
-        index = torch.nonzero(ks == k).flatten().to(x.device)
-        rotated = torch.rot90(x.index_select(0, index), int(k), dims=(-2, -1))
+    for k, index in groups if groups is not None else _rotation_groups(ks, x.device):
+        rotated = torch.rot90(x.index_select(0, index), k, dims=(-2, -1))
         out = out.index_copy(0, index, rotated)  # out-of-place: keeps the autograd graph
     return out
 
 
 class RotationTransform(DrawnTransform):
-    """Per-sample rotation by k * 90 degrees (exact). Needs H == W unless all k are even."""
+    """Per-sample rotation by k * 90 degrees (exact). Needs H == W unless all k are even.
+
+    The per-k sample indices are copied to a device once per drawn transform: the images and
+    every CAM of a step reuse them, so the loss never waits on a host-to-device copy.
+    """
 
     kind = "rotation"
 
     def __init__(self, batch_size: int, height: int, width: int, ks: torch.Tensor) -> None:
         super().__init__(batch_size, height, width)
         self.ks = ks.to(torch.long).cpu()
+        self._groups: dict = {}
 
     @property
     def params(self) -> dict[str, Any]:
         return {"k": self.ks.clone()}
 
+    def _groups_on(self, device: torch.device, inverse: bool) -> list[tuple[int, torch.Tensor]]:
+        key = (str(device), inverse)
+        if key not in self._groups:
+            self._groups[key] = _rotation_groups((4 - self.ks) % 4 if inverse else self.ks, device)
+        return self._groups[key]
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _rotate_per_sample(x, self.ks)
+        return _rotate_per_sample(x, groups=self._groups_on(x.device, inverse=False))
 
     def _backward(self, y: torch.Tensor) -> torch.Tensor:
-        return _rotate_per_sample(y, (4 - self.ks) % 4)
+        return _rotate_per_sample(y, groups=self._groups_on(y.device, inverse=True))
 
 
 class ResizeScaleTransform(DrawnTransform):
@@ -207,7 +223,11 @@ def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 
 class AffineWarpTransform(DrawnTransform):
-    """Same-canvas affine warp given per-sample matrices for pi and for its inverse."""
+    """Same-canvas affine warp given per-sample matrices for pi and for its inverse.
+
+    The matrices are copied to a device (and dtype) once per drawn transform and reused by
+    every warp of the step, so the loss never waits on a host-to-device copy.
+    """
 
     def __init__(self, batch_size: int, height: int, width: int, kind: str,
                  theta: torch.Tensor, inverse_theta: torch.Tensor, params: dict[str, Any]) -> None:
@@ -216,16 +236,24 @@ class AffineWarpTransform(DrawnTransform):
         self.theta = theta
         self.inverse_theta = inverse_theta
         self._params = params
+        self._matrices: dict = {}
 
     @property
     def params(self) -> dict[str, Any]:
         return dict(self._params)
 
+    def _matrix_like(self, inverse: bool, x: torch.Tensor) -> torch.Tensor:
+        key = (inverse, str(x.device), x.dtype)
+        if key not in self._matrices:
+            matrix = self.inverse_theta if inverse else self.theta
+            self._matrices[key] = matrix.to(device=x.device, dtype=x.dtype)
+        return self._matrices[key]
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _warp(x, self.theta)
+        return _warp(x, self._matrix_like(False, x))
 
     def _backward(self, y: torch.Tensor) -> torch.Tensor:
-        return _warp(y, self.inverse_theta)
+        return _warp(y, self._matrix_like(True, y))
 
     def valid_mask(self, dtype: torch.dtype = torch.float32,
                    device: torch.device | str | None = None) -> torch.Tensor:

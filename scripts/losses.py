@@ -133,11 +133,15 @@ def reduce_squared(diff_sq: torch.Tensor, sample_weight: torch.Tensor | None, va
         weighted = weighted * valid
     if sample_weight is not None:
         weighted = weighted * sample_weight.view(-1, 1, 1, 1)
+    # Counts known on the host stay Python numbers: a tensor made on the host and copied to a
+    # GPU would wait for the queued forward (a hidden sync) in every loss term.
     if reduction == "mean":
-        count = valid.sum() if valid is not None else torch.tensor(float(diff_sq.numel()), device=diff_sq.device)
-        return weighted.sum() / count.clamp_min(1.0)
-    n_samples = sample_weight.sum() if sample_weight is not None else torch.tensor(float(diff_sq.shape[0]))
-    return weighted.sum() / n_samples.to(diff_sq.device).clamp_min(1.0)
+        if valid is not None:
+            return weighted.sum() / valid.sum().clamp_min(1.0)
+        return weighted.sum() / max(float(diff_sq.numel()), 1.0)
+    if sample_weight is not None:
+        return weighted.sum() / sample_weight.sum().clamp_min(1.0)
+    return weighted.sum() / max(float(diff_sq.shape[0]), 1.0)
 
 
 # ----------------------------------------------------------------------------- terms
