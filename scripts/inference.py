@@ -40,6 +40,7 @@ from monai.utils import convert_to_tensor
 from scripts.common import MODALITIES, atomic_path, canonical_modalities, canonical_modality
 from scripts.datasets import DataError, check_same_grid, discover_subjects, load_volume
 from scripts.maps import FUSIONS, METHODS, TTA_CHOICES, augmented_maps, binarise, fuse_maps, gate_maps
+from scripts.precision import autocast, resolve_precision, to_memory_format
 
 FUSED = "fused"
 TRAIN_HINT = "python -m monai.bundle run training --config_file configs/train.yaml"
@@ -210,7 +211,7 @@ class CAMMapEvaluator(Evaluator):
     def __init__(self, device, val_data_loader, network, inferer: Inferer | None = None, method: str = "cam",
                  gate: bool = True, gate_threshold: float = 0.5, tta: str | None = None, fusion: str = "max",
                  threshold: float = 0.5, slice_batch_size: int = 32, postprocessing=None, val_handlers=None,
-                 epoch_length: int | None = None):
+                 epoch_length: int | None = None, precision: str | None = None, channels_last: bool = False):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if tta not in TTA_CHOICES:
@@ -219,7 +220,10 @@ class CAMMapEvaluator(Evaluator):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         super().__init__(device=device, val_data_loader=val_data_loader, epoch_length=epoch_length,
                          postprocessing=postprocessing, val_handlers=val_handlers, decollate=False)
-        self.network = network
+        # precision: auto | bf16 | fp16 | fp32 autocast of the networks (scripts.precision; None = fp32);
+        # channels_last: NHWC weights. Maps are normalised in float32 either way.
+        self.precision = resolve_precision(precision, device)
+        self.network = to_memory_format(network, channels_last)
         self.inferer = inferer
         self.method, self.gate, self.gate_threshold = method, bool(gate), float(gate_threshold)
         self.tta, self.fusion, self.threshold = tta, fusion, float(threshold)
@@ -242,7 +246,7 @@ class CAMMapEvaluator(Evaluator):
         inferer = self.inferer or SliceInferer(roi_size=tuple(volume.shape[1:3]), spatial_dim=2,
                                                sw_batch_size=self.slice_batch_size)
         x = volume[None].to(self.state.device, dtype=torch.float32)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.state.device, self.precision):
             maps = inferer(x, self._slice_function(nets))
         return convert_to_tensor(maps, track_meta=False)[0].float().cpu()
 

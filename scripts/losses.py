@@ -222,7 +222,8 @@ class CMERObjective:
         return self.config.needs_transform
 
     def __call__(self, modalities, maps_o, maps_t, labels, transform=None, lambda_e_value: float = 1.0,
-                 mask=None) -> ObjectiveOutput:
+                 mask=None, only=None) -> ObjectiveOutput:
+        """`only` (indices of modalities) limits the losses computed, for a per-network backward."""
         cfg = self.config
         k_count = len(modalities)
         logits_o = [m.mean(dim=(2, 3)) for m in maps_o]
@@ -246,6 +247,8 @@ class CMERObjective:
 
         per_modality, total = {}, 0.0
         for k, name in enumerate(modalities):
+            if only is not None and k not in only:
+                continue
             terms = {"L_C": classification_loss(logits_o[k], logits_t[k], labels)}
             loss = terms["L_C"]
             partners = [j for j in range(k_count) if j != k]
@@ -287,12 +290,14 @@ class FullSupervisionObjective:
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
 
     def __call__(self, modalities, maps_o, maps_t, labels, transform=None, lambda_e_value: float = 1.0,
-                 mask=None) -> ObjectiveOutput:
+                 mask=None, only=None) -> ObjectiveOutput:
         if mask is None:
             raise ValueError("full supervision needs the batch's 'mask' (pixel labels)")
         target = (mask > 0.5).long()
         per_modality, total = {}, 0.0
         for k, name in enumerate(modalities):
+            if only is not None and k not in only:
+                continue
             loss = self.loss(maps_o[k], target)
             per_modality[name] = {"L_DiceCE": loss, "loss": loss}
             total = total + loss

@@ -28,6 +28,7 @@ from monai.transforms import Flip, InvertibleTransform, Rotate90
 from monai.visualize.visualizer import default_upsampler
 
 from scripts.common import MODALITIES, TUMOUR_CHANNEL
+from scripts.precision import autocast, resolve_precision
 
 METHODS = ("cam", "gradcampp", "softmax")  # softmax: a fully supervised network's mask
 TTA_CHOICES = (None, "flips", "flips_rot90")
@@ -100,7 +101,7 @@ def _upsample_to(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 def _cam_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass: normalised tumour CAM (B,H,W) and tumour probability (B,)."""
-    maps = net(x)
+    maps = net(x).float()  # under autocast the net gives bf16 / fp16: normalise in float32
     cam = normalise_per_sample(maps[:, TUMOUR_CHANNEL])
     return cam, _tumour_probability(maps)
 
@@ -118,8 +119,10 @@ def _gradcampp_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     """
     with torch.no_grad():
         feats = net.features(x)
-    feats = feats.detach().requires_grad_(True)
-    with torch.enable_grad():
+    # The backbone may run under autocast; the 1x1 read-out, its gradient and the cubes of
+    # the GradCAM++ weights run in float32.
+    feats = feats.detach().float().requires_grad_(True)
+    with torch.enable_grad(), torch.autocast(device_type=feats.device.type, enabled=False):
         maps = net.classifier(feats)
         scores = maps[:, TUMOUR_CHANNEL].mean(dim=(-2, -1))
         (grad,) = torch.autograd.grad(scores.sum(), feats)
@@ -137,7 +140,7 @@ def _gradcampp_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def _softmax_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-wise softmax probability of tumour: the map of the full-supervision upper bound."""
-    maps = net(x)
+    maps = net(x).float()
     return torch.softmax(maps, dim=1)[:, TUMOUR_CHANNEL], _tumour_probability(maps)
 
 
@@ -300,13 +303,15 @@ def volume_maps(
     tta: str | None = None,
     gate_threshold: float = 0.5,
     channels: Sequence[str] | None = None,
+    precision: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Maps of every modality network over a volume (K,H,W,D) -> dict modality -> (H,W,D).
 
     Slices run along the last axis through MONAI's SliceInferer (roi = the whole slice, no
     overlap, so every slice is computed exactly once and stacked back in order). Each
     network reads its own modality's channel; `channels` names the volume's channels when
-    they do not follow the networks' order.
+    they do not follow the networks' order. `precision` (auto | bf16 | fp16 | fp32, None =
+    fp32) autocasts the networks; the maps are normalised in float32 either way.
     """
     modality_nets = as_modality_nets(nets)
     order = _channel_order(modality_nets, volume.shape[0], channels)
@@ -322,7 +327,7 @@ def volume_maps(
 
     height, width = volume.shape[1:3]
     inferer = SliceInferer(roi_size=(height, width), spatial_dim=2, sw_batch_size=batch_size, overlap=0.0)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, resolve_precision(precision, device)):
         stacked = inferer(torch.as_tensor(volume, dtype=torch.float32)[None].to(device), slice_batch)
     stacked = torch.as_tensor(stacked)[0].float().cpu()
     return {m: stacked[i] for i, m in enumerate(modality_nets)}

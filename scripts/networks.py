@@ -239,6 +239,7 @@ class MultiModalCAM(torch.nn.Module):
 
     def _tumour_map(self, maps: torch.Tensor) -> torch.Tensor:
         """(B, 2, H, W) raw maps -> (B, H, W) normalised, optionally gated tumour map."""
+        maps = maps.float()  # the normaliser and softmax in float32, also under autocast
         cam = max_normalise(maps)[:, self.tumour_channel]
         if self.gate:
             probability = torch.softmax(logits_from_maps(maps), dim=1)[:, self.tumour_channel]

@@ -28,6 +28,7 @@ from monai.metrics import compute_dice
 
 from .common import TUMOUR_CHANNEL
 from .losses import CMERObjective, FullSupervisionObjective, tumour_cam
+from .precision import autocast, resolve_precision, to_memory_format, uses_grad_scaler
 
 
 class TransformSampler:
@@ -145,19 +146,52 @@ class CMERTrainer(Trainer):
     """Trains the K modality networks of a `MultiModalCAM` with Eq. 8.
 
     On a CPU device, `heap_allocations` (default on) applies `keep_cpu_tensors_on_heap`.
+
+    Args:
+        device: where the networks and batches live.
+        max_epochs: epochs to run.
+        train_data_loader: batches {"image": (B, K, H, W), "label": (B,), optional "mask"}.
+        network: the `MultiModalCAM` whose `nets` are trained.
+        optimizers: `ModalityOptimizers` over `network`.
+        objective: `CMERObjective` or `FullSupervisionObjective` (see `build_objective`).
+        transform_sampler: draws the transform pi of each batch (needed by ER / CMER).
+        train_handlers: MONAI / ignite handlers to attach.
+        amp: legacy switch, used only when `precision` is None: True = "auto", False = "fp32".
+        epoch_length: iterations per epoch (default: the loader's length).
+        non_blocking: non-blocking host-to-device copies.
+        concat_views: one forward over [x ; pi(x)] per network when the canvases match.
+        training_nets: modules that run the training forward (e.g. DDP-wrapped); default
+            `TwoViewForward` around each of `network.nets`.
+        heap_allocations: keep large CPU tensors on the heap (see `keep_cpu_tensors_on_heap`).
+        precision: auto | bf16 | fp16 | fp32 (`scripts.precision`): autocast of the networks'
+            forward; the objective always runs in float32; GradScaler only for CUDA fp16.
+        channels_last: store the networks' weights (hence activations) NHWC.
+        low_memory: keep one network's graph at a time: every network's maps are computed
+            first without a graph (the partners' maps the objective detaches anyway), then each
+            network runs forward + backward of its own loss in turn. Same gradients, one extra
+            forward per network, peak memory of one network's graph.
+        compile: wrap the training forward of every network in `torch.compile`.
     """
 
     def __init__(self, device, max_epochs: int, train_data_loader, network, optimizers: ModalityOptimizers,
                  objective, transform_sampler: TransformSampler | None = None, train_handlers=None,
                  amp: bool = False, epoch_length: int | None = None, non_blocking: bool = False,
-                 concat_views: bool = True, training_nets=None, heap_allocations: bool = True):
+                 concat_views: bool = True, training_nets=None, heap_allocations: bool = True,
+                 precision: str | None = None, channels_last: bool = False, low_memory: bool = False,
+                 compile: bool = False):
+        device = torch.device(device)
+        self.precision = resolve_precision(precision if precision is not None else ("auto" if amp else "fp32"), device)
+        # MONAI's Trainer makes a GradScaler when amp is on: only CUDA float16 needs one.
         super().__init__(
             device=device, max_epochs=max_epochs, data_loader=train_data_loader, epoch_length=epoch_length,
-            non_blocking=non_blocking, handlers=train_handlers, amp=amp, decollate=False,
+            non_blocking=non_blocking, handlers=train_handlers, amp=uses_grad_scaler(device, self.precision),
+            decollate=False,
         )
-        if heap_allocations and self.state.device is not None and self.state.device.type == "cpu":
+        if heap_allocations and device.type == "cpu":
             keep_cpu_tensors_on_heap()
-        self.network = network
+        self.network = to_memory_format(network, channels_last)
+        self.channels_last = bool(channels_last)
+        self.low_memory = bool(low_memory)
         self.modalities = list(network.modalities)
         self.optimizers = optimizers
         self.objective = objective
@@ -168,6 +202,8 @@ class CMERTrainer(Trainer):
         # checkpoints of `network` stay plain state dicts.
         self.training_nets = (list(training_nets) if training_nets is not None
                               else [TwoViewForward(net, concat_views) for net in network.nets])
+        if compile:
+            self.training_nets = [torch.compile(net) for net in self.training_nets]
         if len(self.training_nets) != len(self.modalities):
             raise ValueError(f"{len(self.training_nets)} training nets for {len(self.modalities)} modalities")
 
@@ -181,6 +217,54 @@ class CMERTrainer(Trainer):
             if maps_t is not None:
                 maps_t.append(out_t)
         return maps_o, maps_t
+
+    def _objective(self, maps_o, maps_t, labels, transform, mask, only=None):
+        # float32 maps, outside autocast: normalisers, softmax / KL and reductions stay float32
+        extra = {"only": only} if only is not None else {}
+        return self.objective(self.modalities, [m.float() for m in maps_o],
+                              [m.float() for m in maps_t] if maps_t is not None else None,
+                              labels, transform, float(self.lambda_e), mask, **extra)
+
+    @staticmethod
+    def _backward(loss: torch.Tensor, scaler) -> None:
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    def _one_graph_step(self, engine, images, images_t, labels, transform, mask, scaler):
+        """All K graphs alive, one backward over the summed losses (exact: partners detached)."""
+        with autocast(engine.state.device, self.precision):
+            maps_o, maps_t = self.forward_views(images, images_t)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        result = self._objective(maps_o, maps_t, labels, transform, mask)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        self._backward(result.total, scaler)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        return result
+
+    def _low_memory_step(self, engine, images, images_t, labels, transform, mask, scaler):
+        """One network's graph at a time (`low_memory`); the same gradients as `_one_graph_step`."""
+        device = engine.state.device
+        # BatchNorm running statistics must see each batch once: undo the graph-free pass's update.
+        buffers = [b.detach().clone() for b in self.network.buffers()]
+        with torch.no_grad(), autocast(device, self.precision):
+            maps_o, maps_t = self.forward_views(images, images_t)
+        with torch.no_grad():
+            for saved, buffer in zip(buffers, self.network.buffers()):
+                buffer.copy_(saved)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        total, per_modality = 0.0, {}
+        for k, net in enumerate(self.training_nets):
+            view_t = images_t[:, k:k + 1] if images_t is not None else None
+            with autocast(device, self.precision):
+                own_o, own_t = net(images[:, k:k + 1], view_t)
+            own_maps_o = maps_o[:k] + [own_o] + maps_o[k + 1:]
+            own_maps_t = maps_t[:k] + [own_t] + maps_t[k + 1:] if maps_t is not None else None
+            result = self._objective(own_maps_o, own_maps_t, labels, transform, mask, only=[k])
+            self._backward(result.total, scaler)
+            total = total + result.total.detach()
+            per_modality.update(result.per_modality)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        return type(result)(total=total, per_modality=per_modality)
 
     def _iteration(self, engine, batchdata: dict) -> dict:
         device, non_blocking = engine.state.device, engine.non_blocking
@@ -201,24 +285,13 @@ class CMERTrainer(Trainer):
         engine.state.output = {}
         self.network.train()
         self.optimizers.zero_grad()
-        with torch.autocast(device_type=device.type, enabled=bool(self.amp)):
-            maps_o, maps_t = self.forward_views(images, images_t)
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            result = self.objective(self.modalities, [m.float() for m in maps_o],
-                                    [m.float() for m in maps_t] if maps_t is not None else None,
-                                    labels, transform, float(self.lambda_e), mask)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if self.amp and self.scaler is not None:
-            self.scaler.scale(result.total).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            self.optimizers.step(self.scaler)
-        else:
-            result.total.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            self.optimizers.step()
+        scaler = self.scaler if self.amp else None
+        step = self._low_memory_step if self.low_memory else self._one_graph_step
+        result = step(engine, images, images_t, labels, transform, mask, scaler)
+        self.optimizers.step(scaler)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
-        output = {"loss": result.total.item(), "lambda_e": float(self.lambda_e)}
+        output = {"loss": result.total.detach().item(), "lambda_e": float(self.lambda_e)}
         for name, terms in result.per_modality.items():
             for term, value in terms.items():
                 output[f"{name}/{term}"] = value.item()
@@ -240,13 +313,19 @@ def _average(key: str) -> Average:
 class CAMValidator(Evaluator):
     """Per-volume validation: CAMs of every slice, gated by the slice classifier, fused by max.
 
+    Args (beyond MONAI's Evaluator): `network` (a MultiModalCAM), `slice_batch_size` (slices
+    per forward), `threshold` (mask and gate threshold), `gate` (empty maps on slices classified
+    healthy), `map_kind` ("cam" or "softmax"), `amp` (legacy: used when `precision` is None),
+    `precision` (auto | bf16 | fp16 | fp32, `scripts.precision`), `channels_last` (NHWC weights).
+
     Slices without brain are given empty maps (they are not in the training index and
     a classifier has no business there). Empty-truth volumes score DSC 1 when the
     prediction is empty too and 0 otherwise (MONAI's ignore_empty=False).
     """
 
     def __init__(self, device, val_data_loader, network, slice_batch_size: int = 32, threshold: float = 0.5,
-                 gate: bool = True, map_kind: str = "cam", val_handlers=None, amp: bool = False):
+                 gate: bool = True, map_kind: str = "cam", val_handlers=None, amp: bool = False,
+                 precision: str | None = None, channels_last: bool = False):
         if map_kind not in ("cam", "softmax"):
             raise ValueError(f"map_kind must be 'cam' or 'softmax', got {map_kind!r}")
         modalities = list(network.modalities)
@@ -254,11 +333,13 @@ class CAMValidator(Evaluator):
         key = "val_dsc_fused" if len(modalities) > 1 else f"val_dsc_{modalities[0]}"
         additional = {f"val_dsc_{n}": _average(f"dsc/{n}") for n in names if f"val_dsc_{n}" != key}
         additional.update({f"val_acc_{m}": _average(f"acc/{m}") for m in modalities})
+        device = torch.device(device)
+        self.precision = resolve_precision(precision if precision is not None else ("auto" if amp else "fp32"), device)
         super().__init__(
             device=device, val_data_loader=val_data_loader, key_val_metric={key: _average(key.replace("val_dsc_", "dsc/"))},
-            additional_metrics=additional, val_handlers=val_handlers, amp=amp, decollate=False,
+            additional_metrics=additional, val_handlers=val_handlers, amp=self.precision != "fp32", decollate=False,
         )
-        self.network = network
+        self.network = to_memory_format(network, channels_last)
         self.modalities = modalities
         self.slice_batch_size = slice_batch_size
         self.threshold = threshold
@@ -272,7 +353,7 @@ class CAMValidator(Evaluator):
         cams, probs = [], []
         for start in range(0, slices.shape[0], self.slice_batch_size):
             chunk = slices[start:start + self.slice_batch_size].to(self.state.device).float()
-            with torch.autocast(device_type=self.state.device.type, enabled=bool(self.amp)):
+            with autocast(self.state.device, self.precision):
                 chunk_maps = [net(chunk[:, k:k + 1]).float() for k, net in enumerate(self.network.nets)]
             chunk_probs = torch.stack([F.softmax(m.mean(dim=(2, 3)), dim=1)[:, TUMOUR_CHANNEL] for m in chunk_maps], 1)
             if self.map_kind == "cam":

@@ -4,6 +4,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.data import DataLoader
+from monai.engines.utils import IterationEvents
 from monai.handlers import ValidationHandler
 
 from scripts.handlers import AtomicCheckpointSaver, LambdaEScheduler, ResumeFromCheckpoint, ValidationReport
@@ -197,3 +198,32 @@ def test_cam_image_writer_logs_both_views_per_modality(tmp_path):
     assert len(tags) == 2 and all("pi(x)" in t for t in tags)
     image = events.Images(tags[0])[0]
     assert image.height == 2 * SIZE + 3 * 2 and image.width == 2 * SIZE + 3 * 2  # 2 slices x (x, pi(x))
+
+
+@pytest.mark.parametrize("kinds, objective_cfg", [(("rotation",), None), (("scale",), None),
+                                                   ((), {"use_er": False, "use_kd": False, "use_cmer": False})])
+def test_low_memory_step_gives_the_default_steps_gradients(kinds, objective_cfg):
+    """One network's graph at a time (partners' maps computed without a graph first) gives the
+    same gradients, losses and BatchNorm running statistics as all K graphs with one backward."""
+    results = []
+    for low_memory in (False, True):
+        torch.manual_seed(0)
+        network = MultiModalCAM(["t1", "t2", "flair"], base_channels=4)
+        loader = [{"image": torch.randn(4, 3, SIZE, SIZE), "label": torch.tensor([0, 1, 1, 0])}]
+        trainer = CMERTrainer(torch.device("cpu"), 1, loader, network, ModalityOptimizers(network, lr=1e-3),
+                              build_objective("weak", objective_cfg), TransformSampler(kinds, seed=0),
+                              precision="fp32", low_memory=low_memory)
+        grads = []
+        trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED,
+                                  lambda e: grads.extend(p.grad.clone() for p in network.parameters()))
+        trainer.run()
+        results.append((trainer.state.output, grads, [b.clone() for b in network.buffers()]))
+    (out, grads, buffers), (out_lm, grads_lm, buffers_lm) = results
+    assert set(out) == set(out_lm)
+    for key, value in out.items():
+        assert out_lm[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
+    assert len(grads) == len(grads_lm) > 0
+    for a, b in zip(grads, grads_lm):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    for a, b in zip(buffers, buffers_lm):  # the graph-free pass leaves no trace in BatchNorm
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
