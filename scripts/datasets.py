@@ -241,6 +241,9 @@ def discover_subjects(root: str | os.PathLike, allow_missing: bool = False) -> l
     if root.is_file() and root.suffix.lower() == ".json":
         records = [r for section in _sections_present(_read_json(root, "datalist"))
                    for r in load_datalist(root, section)]
+    elif root.is_file():
+        raise DataError(f"data folder {root} is a file, not a folder. Fix: pass the folder holding the subjects "
+                        f"(or a datalist .json file; at inference, single files go to --files \"{{'t1': PATH}}\").")
     elif not root.is_dir():
         raise DataError(f"data folder {root} does not exist. Fix: pass the folder holding the subjects "
                         f"(or a datalist .json file).")
@@ -463,6 +466,7 @@ def write_datalist(root, out_json: str | os.PathLike, split: Sequence[float] = P
         "enhancing_label": enhancing,
         "seed": seed,
         "split": dict(zip(SECTIONS, counts)),
+        "split_requested": [float(v) for v in split],  # counts, seed and subjects are checked on reuse
         "grades": {s: _grade_counts(sections[s]) for s in SECTIONS},
         **{s: [_entry_from_record(r, out_json.parent) for r in sections[s]] for s in SECTIONS},
     }
@@ -482,21 +486,82 @@ def _grade_counts(records: list[dict]) -> dict[str, int]:
 _PHANTOM_DEFAULTS = {"subjects": 20, "seed": 0, "spacing": 1.0, "hgg_fraction": 0.5}
 
 
-def ensure_dataset(dataset_dir: str | os.PathLike, datalist: str | os.PathLike | None = None,
-                   phantom: dict | None = None, split: Sequence[float] = PAPER_SPLIT, seed: int = 0) -> str:
-    """Make sure a dataset and its datalist exist; return the datalist path.
+def same_path(a, b) -> bool:
+    """True when two paths name the same location (used by the configs: `make_phantom`)."""
+    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
 
-    An absent or empty `dataset_dir` gets the phantom dataset (scripts.phantom); a folder of
-    real data is left as it is. The datalist (default `<dataset_dir>/datalist.json`) is written
-    only when missing.
-    """
+
+def datalist_file(dataset_dir: str | os.PathLike, datalist: str | os.PathLike | None = None) -> str:
+    """The datalist a run uses: `datalist`, a datalist .json given as `dataset_dir`, or
+    `<dataset_dir>/datalist.json`. No side effects (ensure_dataset writes it)."""
+    if datalist:
+        return str(Path(datalist).expanduser().absolute())
     dataset_dir = Path(dataset_dir).expanduser().absolute()
-    datalist_path = Path(datalist).expanduser().absolute() if datalist else dataset_dir / "datalist.json"
-    if not dataset_dir.exists() or not any(p for p in dataset_dir.iterdir() if not p.name.startswith(".")):
-        _generate_phantom(dataset_dir, {**_PHANTOM_DEFAULTS, **(phantom or {})})
+    if dataset_dir.suffix.lower() == ".json" and dataset_dir.is_file():
+        return str(dataset_dir)
+    return str(dataset_dir / "datalist.json")
+
+
+def ensure_dataset(dataset_dir: str | os.PathLike, datalist: str | os.PathLike | None = None,
+                   phantom: dict | None = None, split: Sequence[float] = PAPER_SPLIT, seed: int = 0,
+                   make_phantom: bool = True) -> str:
+    """Make sure a dataset and its datalist exist and agree; return the datalist path.
+
+    Args:
+        dataset_dir: a data folder in any supported layout, or a datalist .json file.
+        datalist: where the datalist is (default `<dataset_dir>/datalist.json`); written when missing.
+        phantom: settings of scripts.phantom.generate_dataset for `make_phantom`.
+        split: training/validation/testing fractions or counts.
+        seed: the seed of the split.
+        make_phantom: generate the phantom into an absent or empty `dataset_dir`; when False such
+            a folder is an error (a mistyped path must not train on synthetic data).
+
+    An existing datalist written by this bundle is checked against the data and the split: new
+    or removed subjects, another split or seed are an error naming the difference (never a
+    silent reuse); a datalist written elsewhere is used as it is.
+    """
+    given = Path(dataset_dir).expanduser().absolute()
+    datalist_path = Path(datalist_file(given, datalist))
+    if given.is_file():
+        if given.suffix.lower() == ".json":
+            return str(datalist_path)  # a datalist given as the data: used as it is
+        raise DataError(f"--dataset_dir {given} is a file, not a folder. Fix: pass the folder holding the subject "
+                        f"folders, or a datalist .json file.")
+    if not given.exists() or not any(p for p in given.iterdir() if not p.name.startswith(".")):
+        from scripts.runtime import as_flag  # lazy: runtime's error types import this module
+
+        if not as_flag(make_phantom, "make_phantom"):
+            state = "does not exist" if not given.exists() else "is empty"
+            raise DataError(f"--dataset_dir {given} {state}. Fix: check the path (the folder holding the subject "
+                            f"folders), or pass --make_phantom true to generate the synthetic phantom there.")
+        _generate_phantom(given, {**_PHANTOM_DEFAULTS, **(phantom or {})})
     if not datalist_path.is_file():
-        write_datalist(dataset_dir, datalist_path, split=split, seed=seed)
+        write_datalist(given, datalist_path, split=split, seed=seed)
+    else:
+        check_datalist_current(datalist_path, given, split, seed)
     return str(datalist_path)
+
+
+def check_datalist_current(datalist_path: Path, dataset_dir: Path, split: Sequence[float], seed: int) -> None:
+    """Raise DataError when a datalist this bundle wrote no longer matches the data or the split."""
+    stored = _read_json(datalist_path, "datalist")
+    if "seed" not in stored or not isinstance(stored.get("split"), dict):
+        return  # not written by write_datalist: the user's own split
+    listed = {str(e.get("subject")) for s in SECTIONS for e in stored.get(s, []) if isinstance(e, dict)}
+    found = {r["subject"] for r in discover_subjects(dataset_dir)}
+    problems = []
+    if found != listed:
+        new, gone = sorted(found - listed), sorted(listed - found)
+        problems.append(f"the data changed ({len(new)} new subject(s) {new[:3]}, {len(gone)} removed {gone[:3]})")
+    counts = dict(zip(SECTIONS, split_counts(len(found), split)))  # same counts + seed + subjects = same split
+    if counts != stored["split"]:
+        problems.append(f"--split {list(split)} gives {counts}, the datalist has {stored['split']}")
+    if int(stored["seed"]) != int(seed):
+        problems.append(f"--seed {seed} differs from the datalist's seed {stored['seed']}")
+    if problems:
+        raise DataError(f"datalist {datalist_path} no longer matches this run: {'; '.join(problems)}. Fix: delete it "
+                        f"to write a new split (a model trained on the old split must then be retrained before "
+                        f"evaluating), or pass --datalist_path NEW.json.")
 
 
 def _generate_phantom(dataset_dir: Path, options: dict) -> None:
@@ -615,6 +680,10 @@ def preprocess_subject(record: dict, spatial_size: Sequence[int] | None = None, 
             raise DataError(f"subject {subject}: seg file {record['seg']} holds {loaded['seg'].shape[0]} volumes; "
                             f"one 3D label map was expected.")
     check_same_grid(loaded, files, subject)
+    from scripts.sanity import volume_warnings
+
+    images = {m: v for m, v in loaded.items() if m != "seg"}
+    warnings = volume_warnings(images, files, subject, seg=loaded.get("seg"))
     reference = next(iter(loaded.values()))
     data = {m: loaded.get(m, torch.zeros_like(reference)) for m in MODALITIES}  # zero-fill (allow_missing)
     data["seg"] = loaded.get("seg", torch.zeros_like(reference))
@@ -637,6 +706,7 @@ def preprocess_subject(record: dict, spatial_size: Sequence[int] | None = None, 
         "spacing": [float(s) for s in data["image"].pixdim],
         "present": [m for m in MODALITIES if m in loaded],
         "has_mask": "seg" in loaded,
+        "warnings": warnings,
     }
 
 
@@ -741,6 +811,7 @@ class VolumeCache:
             "brain_fraction": [round(float(f), 6) for f in brain.mean(axis=(0, 1))],
             "tumour_pixels": [int(n) for n in volume["mask"].sum(axis=(0, 1))],
             "sources": [_file_signature(p) for p in _source_files(record)],
+            "warnings": volume.get("warnings", []),
         }
         for target, array in ((image_file, image), (mask_file, mask)):
             with atomic_path(target) as tmp, open(tmp, "wb") as handle:
@@ -831,10 +902,16 @@ class SliceDataset(torch.utils.data.Dataset):
         index, labels = [], []
         for record_index, record in enumerate(self.records):
             meta = self.cache.info(record)
+            kept = 0
             for z, (fraction, tumour) in enumerate(zip(meta["brain_fraction"], meta["tumour_pixels"])):
                 if fraction > self.brain_threshold:
                     index.append((record_index, z))
                     labels.append(int(tumour > 0))
+                    kept += 1
+            if kept == 0:  # said here too, as the cache may have been built by an earlier run
+                logger.warning("subject %s: no slice has a brain fraction above %g (%d tumour voxels in its seg): "
+                               "the subject is left out of this dataset. Check its images.", record["subject"],
+                               self.brain_threshold, sum(meta["tumour_pixels"]))
         return index, labels
 
     def _check_not_degenerate(self, require_positive: bool) -> None:

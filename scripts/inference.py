@@ -39,6 +39,9 @@ from monai.utils import convert_to_tensor
 
 from scripts.common import MODALITIES, atomic_path, canonical_modalities, canonical_modality
 from scripts.datasets import DataError, check_same_grid, discover_subjects, load_volume
+from scripts.output_files import OutputManifest, check_distinct_names, file_name
+from scripts.runtime import BundleError, MissingCheckpoint
+from scripts.sanity import mask_warning, volume_warnings
 from scripts.maps import FUSIONS, METHODS, TTA_CHOICES, augmented_maps, binarise, fuse_maps, gate_maps
 from scripts.precision import autocast, resolve_precision, to_memory_format
 
@@ -93,7 +96,9 @@ def find_inputs(dataset_dir=None, files=None, subject: str | None = None) -> lis
     under `dataset_dir` (one subject's folder, a dataset folder in any supported layout, or a
     datalist JSON); `subject` then keeps that one subject only."""
     if files:
-        return [record_from_files(files, subject)]
+        records = [record_from_files(files, subject)]
+        file_name(records[0]["subject"])  # refuses ids such as '..' before anything runs
+        return records
     if dataset_dir is None:
         raise DataError("no input: pass --dataset_dir DIR (a subject folder or a dataset) or --files \"{...}\".")
     records = discover_subjects(dataset_dir, allow_missing=True)
@@ -103,6 +108,7 @@ def find_inputs(dataset_dir=None, files=None, subject: str | None = None) -> lis
             raise DataError(f"subject {subject} not found under {dataset_dir} (found {[r['subject'] for r in records][:10]}). "
                             f"Fix: pass one of those names, or leave --subject out to run them all.")
         records = kept
+    check_distinct_names(r["subject"] for r in records)  # every output name valid and distinct, up front
     return records
 
 
@@ -166,6 +172,7 @@ class LoadSubjectd(Transform):
             raise DataError(f"subject {subject}: none of the networks' modalities {self.modalities} has an input "
                             f"(found {found}). Fix: add at least one of them, or run a model trained on these.")
         check_same_grid(volumes, files, subject)
+        volume_warnings(volumes, files, subject)  # constant, no foreground / no background, oblique
         present = [m for m in self.modalities if m in volumes]
         first = volumes[present[0]]
         image = torch.cat([volumes[m] for m in present], dim=0)  # MetaTensor: keeps the first's meta
@@ -264,10 +271,13 @@ class CAMMapEvaluator(Evaluator):
         brain = brain_slices(image) if brain is None else torch.as_tensor(brain).bool().reshape(-1)
         maps = maps * brain.to(maps.dtype)  # slices without brain: empty maps (as in validation)
         fused = fuse_maps(maps[None], self.fusion)  # (1, H, W, D)
+        mask = binarise(fused, self.threshold)
+        # Far from the training data (noise, another contrast) shows as a huge mask: say so.
+        mask_warning(mask[0], (image != 0).any(dim=0), str(item.get("subject")))
         # MetaTensors: Invertd only inverts MetaTensors (it copies the image's transform trace).
         return {
             "pred": MetaTensor(torch.cat([maps, fused], dim=0)),
-            "mask": MetaTensor(binarise(fused, self.threshold).to(torch.float32)),
+            "mask": MetaTensor(mask.to(torch.float32)),
             "map_names": used + [FUSED],
             "modalities_used": used,
             "modalities_missing": [m for m in self.network.modalities if m not in used],
@@ -288,8 +298,8 @@ class CAMMapEvaluator(Evaluator):
 
 
 def safe_name(subject: str) -> str:
-    """A subject id usable as a folder / file name."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(subject))[:120] or "subject"
+    """A subject id as a folder / file name (scripts.output_files.file_name: reversible, no '..')."""
+    return file_name(subject)
 
 
 def write_nifti(target, volume, affine: np.ndarray, dtype=np.float32) -> Path:
@@ -314,14 +324,17 @@ class SaveSubjectMapsd(Transform):
 
     Files: `<subject>_cam_<modality>.nii.gz` per network that ran, `<subject>_cam_fused.nii.gz`
     (float32) and `<subject>_mask.nii.gz` (uint8), each written atomically; the mask goes
-    last, so its presence marks a complete subject. Maps an earlier run left in the folder
-    for modalities that did not run now are removed. The maps must already be on the input
-    grid (Invertd before this); the input's own affine is written, so the geometry is exact.
+    last, so its presence marks a complete subject. `<subject>` is the id as a file name
+    (scripts.output_files.file_name). Every file written is listed in the folder's manifest;
+    maps an earlier run listed there for modalities that did not run now are removed, and no
+    other file is ever deleted. The maps must already be on the input grid (Invertd before
+    this); the input's own affine is written, so the geometry is exact.
     """
 
     def __init__(self, output_dir, pred_key: str = "pred", mask_key: str = "mask"):
         self.output_dir = Path(output_dir)
         self.pred_key, self.mask_key = pred_key, mask_key
+        self.manifest = OutputManifest(self.output_dir)
 
     def __call__(self, data: dict) -> dict:
         subject = safe_name(data["subject"])
@@ -334,8 +347,9 @@ class SaveSubjectMapsd(Transform):
         saved = [write_nifti(folder / f"{subject}_cam_{name}.nii.gz", pred[i], affine, np.float32)
                  for i, name in enumerate(data["map_names"])]
         saved.append(write_nifti(folder / f"{subject}_mask.nii.gz", mask[0] > 0.5, affine, np.uint8))
-        for stale in set(folder.glob(f"{subject}_cam_*.nii.gz")) - set(saved):
-            stale.unlink()  # a map of an earlier run with other inputs would not match this mask
+        # An earlier run's map of another modality would not match this mask; only files the
+        # manifest lists as written by this bundle are removed.
+        self.manifest.replace(data["subject"], saved)
         data["saved"] = [str(p) for p in saved]
         return data
 
@@ -386,7 +400,7 @@ class SubjectProgress:
 def require_checkpoint(path) -> str:
     """The checkpoint path, or a FileNotFoundError that says how to get one."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}. Fix: train first ({TRAIN_HINT}) or pass --ckpt_path PATH "
+        raise MissingCheckpoint(f"no checkpoint at {path}. Fix: train first ({TRAIN_HINT}) or pass --ckpt_path PATH "
                                 f"(a state dict of scripts.networks.MultiModalCAM).")
     return str(path)
 
@@ -407,11 +421,14 @@ def run_engine(engine: Engine) -> Engine:
     try:
         engine.run()
     except Exception as err:
-        data_error = _cause_of_type(err, DataError)
+        data_error = _cause_of_type(err, (DataError, BundleError))
         if data_error is not None:
             raise data_error from data_error.__cause__
-        if "state_dict" in str(err):
-            raise RuntimeError(f"{err}\nFix: the checkpoint was trained with other network settings; pass the "
-                               f"training values of --modalities, --backbone and --base_channels.") from err
+        if "state_dict" in str(err):  # one line instead of one per mismatched tensor
+            first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line or "Missing" in line),
+                         str(err).splitlines()[0])
+            raise BundleError(f"the checkpoint does not fit the network ({first[:200]}). Fix: the checkpoint was "
+                              f"trained with other network settings; pass the training values of --modalities, "
+                              f"--backbone and --base_channels.") from err
         raise
     return engine

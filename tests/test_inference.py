@@ -92,7 +92,9 @@ def outputs(folder: Path) -> list[str]:
 
 
 def no_temp_files(root: Path) -> bool:
-    return not [p for p in root.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
+    """No temporary files (the run's manifest and, while its process lives, its lock aside)."""
+    kept = {".manifest.json", ".cmer.lock"}
+    return not [p for p in root.rglob("*") if (p.name.startswith(".") and p.name not in kept) or ".tmp" in p.name]
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,7 +144,7 @@ def test_missing_modalities_run_the_present_networks_only(tmp_path, checkpoint, 
     assert len(outputs(out / "Case02")) == 6
     for token in ("t1ce", "t2"):  # rerun into the same folder without two modalities
         (folder / f"Case02_{token}.nii.gz").unlink()
-    run_inference(dataset_dir=str(folder), output_dir=str(out), ckpt_path=checkpoint)
+    run_inference(dataset_dir=str(folder), output_dir=str(out), ckpt_path=checkpoint, overwrite=True)
     assert outputs(out / "Case02") == ["Case02_cam_flair.nii.gz", "Case02_cam_fused.nii.gz",
                                        "Case02_cam_t1.nii.gz", "Case02_mask.nii.gz"]
     printed = capsys.readouterr().out
