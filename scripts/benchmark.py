@@ -59,7 +59,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -67,6 +67,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scripts import precision as P
 from scripts.common import MODALITIES, TUMOUR_CHANNEL
 from scripts.losses import (
     ObjectiveConfig,
@@ -83,7 +84,7 @@ BUNDLE_ROOT = Path(__file__).resolve().parent.parent
 CYCLED_KINDS = ("translation", "scale", "rotation", "flip")
 TRAIN_CONFIG_DEFAULTS = {"batch_size": 16, "num_workers": 0}
 GB = 1024**3
-PARTS = ("training", "data", "inference", "maps", "memory", "gpu")
+PARTS = ("training", "precision", "data", "inference", "maps", "memory", "gpu")
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 # Targets of the issue.
@@ -93,6 +94,7 @@ MAX_INFERENCE_RATIO = 1.3
 MIN_GRADCAM_SPEEDUP = 5.0
 MAX_MAP_DIFFERENCE = 1e-4
 MAX_TRAIN_RSS_GB = 4.0
+MAX_OVERHEAD_BF16 = 1.10  # issue 10: trainer over bare networks in bf16
 
 
 # --------------------------------------------------------------------------- settings
@@ -115,6 +117,11 @@ class Settings:
     gradcam_slices: int = 16
     clock: str = "wall"  # or "process": CPU seconds of this process, steadier on a shared CPU
     parts: tuple[str, ...] = PARTS
+    precision: str = "fp32"  # the one in use (resolved: bf16 | fp16 | fp32); amp = precision != fp32
+    precisions: tuple[str, ...] = ("fp32",)  # training rows are measured once per precision
+    channels_last: bool = False
+    low_memory: bool = False  # the memory part's ours: one network's graph at a time
+    compile: bool = False
 
     @property
     def largest(self) -> int:
@@ -137,7 +144,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     # on cuda one pass over the transform cycle (each new shape costs plan selection once).
     repeats = args.repeats or (1 if args.quick else 4)
     default_warmup = 1 if args.quick else (2 if device.type == "cpu" else min(repeats, len(CYCLED_KINDS)))
-    common = {"device": device, "amp": args.amp, "quick": args.quick, "batch_size": args.batch_size or 16,
+    if args.precisions:
+        precisions = [P.resolve_precision(p, device) for p in args.precisions]
+    elif args.amp:
+        precisions = [P.resolve_precision("auto", device)]
+    else:  # fp32 and, where the CPU has native bf16, bf16 side by side
+        precisions = ["fp32"] + (["bf16"] if device.type == "cpu" and P.cpu_supports_bf16() else [])
+    precisions = list(dict.fromkeys(precisions))
+    common = {"device": device, "amp": precisions[-1] != "fp32", "precision": precisions[-1],
+              "precisions": tuple(precisions), "channels_last": not args.no_channels_last,
+              "low_memory": args.low_memory, "compile": args.compile,
+              "quick": args.quick, "batch_size": args.batch_size or 16,
               "ks": tuple(args.ks or (1, 2, 4)),
               "warmup": default_warmup if args.warmup is None else args.warmup, "clock": args.clock, "parts": parts}
     if args.quick:
@@ -217,7 +234,8 @@ def machine_lines(s: Settings) -> list[str]:
         f"- GPU: {gpu}",
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}, "
         f"ignite {ignite.__version__}",
-        f"- settings: device {s.device}, amp {s.amp}, base_channels {s.base_channels}, sizes {list(s.sizes)}, "
+        f"- settings: device {s.device}, precisions {list(s.precisions)}, channels_last {s.channels_last}, "
+        f"compile {s.compile}, base_channels {s.base_channels}, sizes {list(s.sizes)}, "
         f"batch {s.batch_size}, K {list(s.ks)}, repeats {s.repeats} (+{s.warmup} warm-up), "
         f"{s.clock} clock, {'quick' if s.quick else 'full'} run{allocator}",
     ]
@@ -263,7 +281,7 @@ def time_calls(fn: Callable[[], object], s: Settings) -> float:
 
 
 def autocast(s: Settings):
-    return torch.autocast(device_type=s.device.type, enabled=bool(s.amp))
+    return P.autocast(s.device, s.precision)
 
 
 @contextlib.contextmanager
@@ -296,7 +314,8 @@ def build_network(k: int, s: Settings, seed: int = 0):
     from scripts.networks import MultiModalCAM
 
     torch.manual_seed(seed)
-    return MultiModalCAM(list(MODALITIES[:k]), base_channels=s.base_channels).to(s.device)
+    network = MultiModalCAM(list(MODALITIES[:k]), base_channels=s.base_channels).to(s.device)
+    return P.to_memory_format(network, s.channels_last)
 
 
 # --------------------------------------------------------------------------- training: ours
@@ -352,7 +371,8 @@ def make_trainer(network, batch: dict, steps: int, s: Settings, concat_views: bo
     return CMERTrainer(
         device=s.device, max_epochs=1, train_data_loader=[batch] * steps, epoch_length=steps, network=network,
         optimizers=ModalityOptimizers(network), objective=build_objective("weak", None),
-        transform_sampler=cycling_sampler(s.repeats), train_handlers=[quiet_stats_handler()], amp=s.amp,
+        transform_sampler=cycling_sampler(s.repeats), train_handlers=[quiet_stats_handler()],
+        precision=s.precision, channels_last=s.channels_last, low_memory=s.low_memory, compile=s.compile,
         concat_views=concat_views,
     )
 
@@ -411,7 +431,7 @@ class ReferenceStep:
         self.sampler = cycling_sampler(s.repeats)
         self.optimizers = [torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
                            for net in network.nets]
-        use_scaler = s.amp and s.device.type == "cuda"
+        use_scaler = P.uses_grad_scaler(s.device, s.precision)
         self.scalers = [cuda_grad_scaler() if use_scaler else None for _ in network.nets]
 
     def __call__(self, batch: dict, lambda_e: float = 1.0) -> dict:
@@ -507,29 +527,39 @@ def measure_training(k: int, size: int, s: Settings) -> StepTimes:
 
 
 def training_rows(s: Settings, progress: Callable[[str], None] = lambda message: None) -> tuple[list[Row], dict]:
+    """Ours, bare and reference per size, K and precision (precisions side by side in one run)."""
     rows, consumed = [], {}
     for size in s.sizes:
         for k in s.ks:
-            case = f"K={k}, {size}x{size}, B={s.batch_size}"
-            try:
-                times = measure_training(k, size, s)
-            except Exception as err:  # noqa: BLE001 - reported in the table
-                rows.append(failed_row("training", case, err))
-                continue
-            ours, bare, reference = median(times.ours), median(times.bare), median(times.reference)
-            consumed[(k, size)] = s.batch_size / ours
-            overhead = ours / bare
-            on_cpu = s.device.type == "cpu"
-            rows.append(Row("training", f"{case}: ours (CMERTrainer)", f"{s.batch_size / ours:.2f} slices/s",
-                            f"bare nets fwd+bwd on 2B: {s.batch_size / bare:.2f} slices/s",
-                            f"overhead {overhead:.2f}", f"<= {MAX_OVERHEAD}" + ("" if on_cpu else " (CPU target)"),
-                            verdict(overhead <= MAX_OVERHEAD)))
-            rows.append(Row("training", f"{case}: reference (authors' way)", f"{s.batch_size / reference:.2f} slices/s",
-                            f"ours {s.batch_size / ours:.2f} slices/s", f"reference/ours {reference / ours:.2f}",
-                            "> 1 (ours faster)", verdict(reference > ours)))
-            progress(f"  {case}: ours {s.batch_size / ours:.2f}, bare {s.batch_size / bare:.2f}, "
-                     f"reference {s.batch_size / reference:.2f} slices/s")
+            for precision in s.precisions:
+                p_rows, speed = _training_case(replace(s, precision=precision, amp=precision != "fp32"), k, size,
+                                               progress)
+                rows += p_rows
+                consumed[(k, size)] = max(consumed.get((k, size), 0.0), speed)
     return rows, consumed
+
+
+def _training_case(s: Settings, k: int, size: int, progress) -> tuple[list[Row], float]:
+    rows = []
+    case = f"K={k}, {size}x{size}, B={s.batch_size}, {s.precision}"
+    try:
+        times = measure_training(k, size, s)
+    except Exception as err:  # noqa: BLE001 - reported in the table
+        return [failed_row("training", case, err)], 0.0
+    ours, bare, reference = median(times.ours), median(times.bare), median(times.reference)
+    overhead = ours / bare
+    on_cpu = s.device.type == "cpu"
+    limit = MAX_OVERHEAD_BF16 if s.precision == "bf16" else MAX_OVERHEAD
+    rows.append(Row("training", f"{case}: ours (CMERTrainer)", f"{s.batch_size / ours:.2f} slices/s",
+                    f"bare nets fwd+bwd on 2B: {s.batch_size / bare:.2f} slices/s",
+                    f"overhead {overhead:.2f}", f"<= {limit}" + ("" if on_cpu else " (CPU target)"),
+                    verdict(overhead <= limit)))
+    rows.append(Row("training", f"{case}: reference (authors' way)", f"{s.batch_size / reference:.2f} slices/s",
+                    f"ours {s.batch_size / ours:.2f} slices/s", f"reference/ours {reference / ours:.2f}",
+                    "> 1 (ours faster)", verdict(reference > ours)))
+    progress(f"  {case}: ours {s.batch_size / ours:.2f}, bare {s.batch_size / bare:.2f}, "
+             f"reference {s.batch_size / reference:.2f} slices/s")
+    return rows, s.batch_size / ours
 
 
 # --------------------------------------------------------------------------- data
@@ -810,8 +840,9 @@ def map_rows(s: Settings) -> list[Row]:
 
 def memory_child(spec: dict) -> dict:
     """Run two training steps of `spec['kind']` (ours | bare) and return its peaks (in the child)."""
-    s = Settings(device=torch.device(spec["device"]), amp=spec["amp"], quick=True, base_channels=spec["base"],
-                 sizes=(spec["size"],), batch_size=spec["batch"], repeats=1, warmup=1)
+    s = Settings(device=torch.device(spec["device"]), amp=spec["precision"] != "fp32", quick=True,
+                 base_channels=spec["base"], sizes=(spec["size"],), batch_size=spec["batch"], repeats=1, warmup=1,
+                 precision=spec["precision"], channels_last=spec["channels_last"], low_memory=spec["low_memory"])
     k = spec["k"]
     batch = synthetic_batch(s.batch_size, k, spec["size"])
     if s.device.type == "cuda":
@@ -880,9 +911,10 @@ def peak_text(peak: dict | CappedOut, key: str) -> tuple[str, float]:
 
 def memory_rows(s: Settings) -> list[Row]:
     k, size = max(s.ks), s.largest
-    case = f"training K={k}, {size}x{size}, B={s.batch_size}, base {s.base_channels}"
+    case = (f"training K={k}, {size}x{size}, B={s.batch_size}, base {s.base_channels}, {s.precision}"
+            f"{', low_memory' if s.low_memory else ''}")
     spec = {"k": k, "size": size, "batch": s.batch_size, "base": s.base_channels, "device": str(s.device),
-            "amp": s.amp}
+            "precision": s.precision, "channels_last": s.channels_last, "low_memory": s.low_memory}
     peaks = {}
     for kind in ("bare", "ours"):
         try:
@@ -1083,6 +1115,11 @@ def run_benchmark(s: Settings, progress: Callable[[str], None]) -> list[Row]:
             progress("training (ours, bare, reference)")
             parts["training"], consumed = training_rows(s, progress)
         record = None
+        if "precision" in s.parts:
+            from scripts.benchmark_peak import precision_rows
+
+            progress("precision (matmul peak, bare step's share)")
+            parts["precision"] = guarded("precision", lambda: precision_rows(s, progress))
         if "data" in s.parts or "inference" in s.parts:
             progress("data")
             try:
@@ -1113,7 +1150,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that it runs (CI)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--amp", action="store_true", help="autocast (+ GradScaler on cuda) for training")
+    parser.add_argument("--amp", action="store_true", help="precision auto only (bf16 on a bf16 CPU; fp16 + "
+                        "GradScaler on cuda)")
+    parser.add_argument("--precisions", nargs="+", choices=P.PRECISIONS,
+                        help="training precisions side by side (default: fp32, plus bf16 on a CPU with native bf16)")
+    parser.add_argument("--no-channels-last", action="store_true", help="NCHW networks (default NHWC, as configured)")
+    parser.add_argument("--low-memory", action="store_true", help="the trainer's low_memory step (memory part too)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the trainer's networks")
     parser.add_argument("--out", help="also write the report (markdown) to this file")
     parser.add_argument("--base-channels", type=int, help="UNetCAM width (default 64, the paper's; quick 4)")
     parser.add_argument("--sizes", type=int, nargs="+", help="slice sizes (default 128 240; quick 32)")

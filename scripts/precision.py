@@ -17,7 +17,6 @@ convolutions prefer on a CPU.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -103,8 +102,3 @@ def input_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     if channels_last and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-@contextlib.contextmanager
-def no_context():
-    yield

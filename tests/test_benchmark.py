@@ -5,6 +5,7 @@ Speeds are never asserted: these check that `--quick` works and that the table i
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (area, a piece of the case) of every row a CPU --quick run must print.
 EXPECTED_ROWS = [
-    *[("training", f"K={k}, 32x32, B=16: {who}") for k in (1, 2, 4) for who in ("ours", "reference")],
+    *[("training", f"K={k}, 32x32, B=16, fp32: {who}") for k in (1, 2, 4) for who in ("ours", "reference")],
+    ("precision", "matmul 2048x2048, fp32"),
+    ("precision", "matmul 2048x2048, bf16"),
+    ("precision", "bare UNetCAM step, K=1, 32x32, 2B=32 slices, base 4, fp32"),
     ("data", "decode + cache one subject"),
     ("data", "loader from cache"),
     ("inference", "end to end"),
@@ -108,3 +112,29 @@ def test_device_audit_sees_every_op_and_names_callers():
     assert not audit.syncs
     assert any("convolution" in what for what in audit.fallbacks)
     assert all(" from " in what for what in audit.fallbacks)
+
+
+def test_quick_run_puts_precisions_side_by_side(quick_report):
+    """Where the CPU has native bf16, every training case is measured in fp32 and bf16 in one run."""
+    from scripts.precision import cpu_supports_bf16
+
+    stdout, _ = quick_report
+    rows = _table_rows(stdout)
+    bf16_rows = [r for r in rows if r.startswith("| training |") and ", bf16:" in r]
+    assert len(bf16_rows) == (6 if cpu_supports_bf16() else 0), stdout
+    share = [r for r in rows if "bare UNetCAM step" in r]
+    assert share and all(r.split("|")[5].strip().endswith("%") for r in share), share
+
+
+def test_flop_count_of_a_bare_step_counts_forward_and_backward():
+    from scripts.benchmark import BareStep
+    from scripts.benchmark_peak import step_flops
+
+    s = Settings(device=torch.device("cpu"), amp=False, quick=True, base_channels=4, sizes=(16,), batch_size=2,
+                 repeats=1, warmup=0)
+    net = build_network(1, s)
+    batch = synthetic_batch(2, 1, 16)
+    first_conv = 2 * (2 * 2) * 16 * 16 * 4 * 1 * 9  # FLOPs of the first 3x3 conv (1 -> 4) over 2B slices, forward
+    flops = step_flops(BareStep(net, batch, s))
+    assert flops > 3 * first_conv  # forward + backward of many layers
+    assert step_flops(BareStep(build_network(1, replace(s, base_channels=8)), batch, s)) > 3 * flops  # ~width^2
