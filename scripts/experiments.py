@@ -109,7 +109,8 @@ def evaluate(run: Run, run_dir: Path, plan: Plan, common: dict, modalities, ckpt
     files = _config_files("configs/train.yaml", *plan.presets, f"configs/methods/{run.method}.yaml",
                           "configs/evaluate.yaml")
     overrides = {**common, **plan.overrides, **dict(run.overrides), "modalities": list(modalities), "ckpt_path": str(ckpt_path),
-                 "output_dir": str(out_dir), "eval_title": f"{run.name} ({'-'.join(modalities)})"}
+                 "output_dir": str(out_dir), "eval_title": f"{run.name} ({'-'.join(modalities)})",
+                 "overwrite": True}  # the runner owns its eval folders: a rerun replaces them
     if run.method == "full_supervision":  # a segmentation network: its softmax, ungated
         overrides.update(method="softmax", gate=False)
     workflow = _workflow(files, "evaluating", overrides)

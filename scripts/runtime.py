@@ -142,6 +142,35 @@ def known_keys(parser) -> list[str]:
     return found
 
 
+def _accepted_argument(parser, key: str) -> bool:
+    """True when `key` adds an argument to a `_target_` component of the config that takes it
+    (e.g. --train#trainer#epoch_length): MONAI passes it on, so it is not a typo."""
+    import inspect
+    from pydoc import locate
+
+    from monai.bundle.config_item import ComponentLocator
+
+    parent, _, name = key.rpartition("#")
+    if not parent or parent not in parser or not isinstance(parser[parent], dict):
+        return False
+    if name in ("_disabled_", "_requires_", "_desc_", "_mode_"):
+        return True
+    target = parser[parent].get("_target_")
+    if not isinstance(target, str) or target.startswith(("$", "@")):
+        return False
+    if "." not in target:
+        module = ComponentLocator().get_component_module_name(target)
+        target = f"{module[0] if isinstance(module, list) else module}.{target}" if module else target
+    component = locate(target)
+    if component is None:
+        return False
+    try:
+        parameters = inspect.signature(component).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 def check_overrides(config_files: Sequence[str], keys: Iterable[str], extra_keys: Iterable[str] = ()) -> None:
     """Raise a BundleError for the first key that names no entry of the merged config files.
 
@@ -159,6 +188,8 @@ def check_overrides(config_files: Sequence[str], keys: Iterable[str], extra_keys
     for key in keys:
         normalised = key.lstrip(MERGE_KEY).replace(ID_SEP_KEY, "#")
         if normalised in extra or normalised.split("#")[0] in extra or normalised in parser:
+            continue
+        if _accepted_argument(parser, normalised):
             continue
         candidates = known_keys(parser) + sorted(extra)
         close = difflib.get_close_matches(normalised, candidates, n=1, cutoff=0.6)
