@@ -687,7 +687,8 @@ def inference_from_pieces(s: Settings, record: dict, network, out_dir: Path) -> 
     import nibabel as nib
 
     from scripts.datasets import preprocess_subject
-    from scripts.maps import binarise, fuse_maps, volume_maps
+    from scripts.map_engine import volume_maps
+    from scripts.maps import binarise, fuse_maps
 
     seconds = []
     for i in range(s.inference_volumes):
@@ -773,12 +774,12 @@ def monai_gradcampp_maps(cam, x: torch.Tensor, without_exp: bool = False) -> tor
     """MONAI's maps with our normaliser; `without_exp` divides out the exp(score) factor that
     MONAI puts on the gradient and scripts.maps leaves out (a per-slice constant, which only
     the normaliser's 1e-8 constant can see: at random init the raw maps are ~1e-6)."""
-    from scripts.maps import normalise_per_sample
+    from scripts.maps import max_normalise
 
     raw, scores = monai_gradcampp_raw(cam, x)
     if without_exp:
         raw = raw / scores.exp().reshape(-1, 1, 1)
-    return normalise_per_sample(raw)
+    return max_normalise(raw)
 
 
 def pytorch_grad_cam_maps(net, x: torch.Tensor):
@@ -797,7 +798,7 @@ def pytorch_grad_cam_maps(net, x: torch.Tensor):
 def map_rows(s: Settings) -> list[Row]:
     from monai.visualize import GradCAMpp
 
-    from scripts.maps import gradcampp_maps, normalise_per_sample
+    from scripts.maps import gradcampp_maps, max_normalise
     from scripts.networks import UNetCAM
 
     torch.manual_seed(0)
@@ -828,7 +829,7 @@ def map_rows(s: Settings) -> list[Row]:
     else:
         other_s = time_calls(other, s)
         with full_precision():
-            other_difference = float((normalise_per_sample(other().to(s.device)) - ours_maps).abs().max())
+            other_difference = float((max_normalise(other().to(s.device)) - ours_maps).abs().max())
         rows.append(Row("maps", "pytorch-grad-cam GradCAMPlusPlus (batched)", f"{n / other_s:.2f} slices/s",
                         f"ours {n / ours_s:.2f} slices/s", f"ours {other_s / ours_s:.1f}x",
                         "", f"max diff {other_difference:.1e}"))

@@ -60,7 +60,7 @@ LAYOUTS_LOOKED_FOR = (
 # Subject folders sit at most this deep below the root (root/HGG/<id> is depth 2).
 MAX_SEARCH_DEPTH = 3
 AFFINE_TOLERANCE = 1e-3
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the shared preprocessing (Spacingd, brain after preprocessing)
 NORMALIZATIONS = ("volume", "none")
 SLICE_NORMALIZATIONS = ("none", "zscore")
 
@@ -662,14 +662,16 @@ def check_same_grid(volumes: dict, files: dict, subject: str) -> None:
 
 
 def preprocess_subject(record: dict, spatial_size: Sequence[int] | None = None, normalization: str = "volume",
-                       allow_missing: bool = False) -> dict:
-    """MONAI preprocessing of one subject, as numpy arrays ready for the cache.
+                       allow_missing: bool = False, spacing=None) -> dict:
+    """Load one subject and run the one preprocessing (`scripts.preprocessing`) on it.
 
     Returns image float32 (4, H, W, D) in MODALITIES order, mask uint8 (H, W, D) whole tumour,
-    brain bool (H, W, D), spacing (3,), present [modalities with data].
+    brain bool (H, W, D) (non-zero in any modality after preprocessing, the test the map
+    engine applies to any input), spacing (3,), present [modalities with data].
     """
-    from monai.data import MetaTensor
-    from monai.transforms import ConcatItemsd, NormalizeIntensityd, Orientationd, ResizeWithPadOrCropd
+    from monai.transforms import ConcatItemsd
+
+    from scripts.preprocessing import volume_preprocessing
 
     subject = str(record["subject"])
     loaded, files = _load_channels(record, subject, allow_missing)
@@ -688,21 +690,13 @@ def preprocess_subject(record: dict, spatial_size: Sequence[int] | None = None, 
     data = {m: loaded.get(m, torch.zeros_like(reference)) for m in MODALITIES}  # zero-fill (allow_missing)
     data["seg"] = loaded.get("seg", torch.zeros_like(reference))
     data = ConcatItemsd(keys=list(MODALITIES), name="image", dim=0)(data)
-    # Explicit world-axis labels (both readers return RAS affines): also silences MONAI 1.6's
-    # warning that the default of `labels` will change.
-    reorient = Orientationd(keys=["image", "seg"], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
-    data = reorient({"image": data["image"], "seg": data["seg"]})
-    # Brain = non-zero in any modality, from the raw intensities so it does not depend on the normalisation.
-    data["brain"] = MetaTensor((data["image"] != 0).any(dim=0, keepdim=True).float().as_tensor(),
-                               affine=data["image"].affine)
-    if normalization == "volume":
-        data = NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)(data)
-    if spatial_size is not None:
-        data = ResizeWithPadOrCropd(keys=["image", "seg", "brain"], spatial_size=(*spatial_size, -1))(data)
+    preprocessing = volume_preprocessing(spacing, spatial_size, normalization, image_keys=["image"],
+                                         label_keys=["seg"])
+    data = preprocessing({"image": data["image"], "seg": data["seg"]})
     return {
         "image": np.ascontiguousarray(data["image"].numpy(), dtype=np.float32),
         "mask": (data["seg"][0].numpy() > 0).astype(np.uint8),
-        "brain": data["brain"][0].numpy() > 0,
+        "brain": (data["image"] != 0).any(dim=0).numpy(),
         "spacing": [float(s) for s in data["image"].pixdim],
         "present": [m for m in MODALITIES if m in loaded],
         "has_mask": "seg" in loaded,
@@ -738,16 +732,30 @@ class VolumeCache:
     BraTS-size dataset never has to fit in RAM; the few most recent subjects' maps stay open
     (`memory_items`), which together with the OS page cache keeps a small phantom in memory.
     `.builds` counts preprocessing runs and `.disk_loads` cache file opens (used by the tests).
+    The preprocessing is `scripts.preprocessing.volume_preprocessing`, the one inference runs.
+
+    Args:
+        cache_dir: folder of the cache files (created on first use).
+        spatial_size: in-plane (H, W) the volumes are padded / cropped to; None derives it
+            from `spacing` (240 mm field of view), or keeps the size without a spacing.
+        normalization: "volume" (z-score over brain voxels per modality) or "none".
+        allow_missing: zero-fill a missing modality instead of raising.
+        memory_items: subjects whose memory maps stay open.
+        spacing: voxel spacing (mm, one value or three) volumes are resampled to; None keeps
+            each input's grid.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, spatial_size: Sequence[int] | None = None,
-                 normalization: str = "volume", allow_missing: bool = False, memory_items: int = 8):
+                 normalization: str = "volume", allow_missing: bool = False, memory_items: int = 8, spacing=None):
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if spatial_size is not None and len(spatial_size) != 2:
             raise ValueError(f"spatial_size is the in-plane (H, W), got {spatial_size}")
+        from scripts.preprocessing import target_pixdim
+
         self.cache_dir = Path(cache_dir).expanduser().absolute()
         self.spatial_size = None if spatial_size is None else tuple(int(s) for s in spatial_size)
+        self.spacing = target_pixdim(spacing)
         self.normalization = normalization
         self.allow_missing = allow_missing
         self.memory_items = memory_items
@@ -763,6 +771,7 @@ class VolumeCache:
     def key(self, record: dict) -> str:
         """Hash of the source files (path, size, mtime) and the preprocessing parameters."""
         recipe = {"version": CACHE_VERSION, "spatial_size": self.spatial_size, "normalization": self.normalization,
+                  "spacing": self.spacing,
                   "channels": record.get("channels"), "images": sorted(record.get("images", {})),
                   "sources": [_file_signature(p) for p in _source_files(record)]}
         digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
@@ -798,7 +807,7 @@ class VolumeCache:
 
     def _build(self, record: dict, key: str) -> dict:
         """Preprocess one subject and write its files; the meta JSON goes last and marks completion."""
-        volume = preprocess_subject(record, self.spatial_size, self.normalization, self.allow_missing)
+        volume = preprocess_subject(record, self.spatial_size, self.normalization, self.allow_missing, self.spacing)
         self.builds += 1
         image_file, mask_file, meta_file = self._files(key)
         image = np.ascontiguousarray(np.moveaxis(volume["image"], -1, 0))  # (D, 4, H, W)
@@ -881,6 +890,14 @@ class SliceDataset(torch.utils.data.Dataset):
     Map-style over (subject, z) so a sampler can shuffle globally or balance classes
     (`.labels`). The index comes from the cache's per-slice metadata, never from images.
     MONAI's GridPatchDataset/PatchIterd is iterable-only (no global shuffle), hence this class.
+
+    Args:
+        records: subject records (with segmentations).
+        cache: the VolumeCache holding the preprocessed volumes.
+        modalities: channels served, in this order.
+        brain_threshold: a slice is kept when its brain fraction is above this.
+        slice_normalization: "none" or "zscore" (the paper's per-slice z-score).
+        require_positive: raise when no kept slice holds tumour.
     """
 
     def __init__(self, records: Sequence[dict], cache: VolumeCache, modalities: Sequence[str] = MODALITIES,
@@ -956,7 +973,14 @@ def slice_zscore(image: torch.Tensor) -> torch.Tensor:
 
 
 class VolumeDataset(torch.utils.data.Dataset):
-    """One item per subject for per-volume evaluation: image (K,H,W,D), mask (1,H,W,D) float32."""
+    """One item per subject for per-volume evaluation: image (K,H,W,D), mask (1,H,W,D) float32,
+    brain (D,), subject, spacing, has_mask.
+
+    Args:
+        records: subject records.
+        cache: the VolumeCache holding the preprocessed volumes.
+        modalities: channels served, in this order.
+    """
 
     def __init__(self, records: Sequence[dict], cache: VolumeCache, modalities: Sequence[str] = MODALITIES):
         self.records = list(records)

@@ -85,6 +85,15 @@ class EvaluationReport:
     Batch items need "mask" (1, H, W, D), "spacing", "subject" and "image" (K, H, W, D, for
     the overlays); outputs "pred" (M+1, H, W, D) and "map_names" (CAMMapEvaluator).
     `overlay_subjects` None = the first `overlay_count` subjects.
+
+    Args:
+        output_dir: folder of the tables and figures.
+        threshold: binarisation threshold of the reported DSC (the config's `threshold`).
+        sweep_thresholds: thresholds of the DSC-versus-threshold curve (None: no sweep).
+        overlay_subjects: subjects drawn in overlays (None: the first `overlay_count`).
+        overlay_count: overlays when no subjects are named.
+        settings: the run's settings, written to resolved_config.json.
+        title: title of the tables and plots.
     """
 
     def __init__(self, output_dir, threshold: float = 0.5, sweep_thresholds: Sequence[float] | None = DEFAULT_SWEEP,

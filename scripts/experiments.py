@@ -214,7 +214,7 @@ def overlay_figure(models: dict, common: dict, plan: Plan, out_png: Path):
 
     from .datasets import VolumeCache, load_datalist
     from .figures import plot_overlays
-    from .maps import volume_maps
+    from .map_engine import volume_maps
     from .networks import MultiModalCAM
 
     parser = ConfigParser()

@@ -56,6 +56,12 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     `interval_filename` gives the interval checkpoint a fixed name (e.g. "last.pt") so a
     killed run can be resumed from a known path.
+
+    Args:
+        save_dir: folder of the checkpoint files.
+        save_dict: name -> object with state_dict (one entry: the file is that state dict).
+        interval_filename: fixed name of the interval checkpoint (None: MONAI's names).
+        kwargs: MONAI CheckpointSaver options (save_interval, save_key_metric, key_metric_filename, ...).
     """
 
     def __init__(self, save_dir: str, save_dict: dict, interval_filename: str | None = None, **kwargs):
@@ -119,6 +125,12 @@ class ResumeFromCheckpoint(CheckpointLoader):
     A file that cannot be read, or that was written with other network settings, stops the
     run before epoch 1 with one line naming the file, the differing keys and the fix; other
     files (e.g. models/model.pt) are never touched.
+
+    Args:
+        load_path: the checkpoint to resume from (e.g. models/last.pt).
+        load_dict: name -> object to restore (the checkpoint objects of train.yaml).
+        enabled: False skips resuming.
+        kwargs: MONAI CheckpointLoader options (map_location, strict, ...).
     """
 
     def __init__(self, load_path: str, load_dict: dict, enabled: bool = True, **kwargs):
@@ -154,8 +166,9 @@ class ResumeFromCheckpoint(CheckpointLoader):
                 problems += obj.differences(checkpoint[key])
             elif isinstance(obj, torch.nn.Module) and not problems:
                 own, stored = obj.state_dict(), checkpoint[key]
-                names = sorted(set(own) ^ set(stored)) + sorted(
-                    n for n in set(own) & set(stored) if tuple(own[n].shape) != tuple(stored[n].shape))
+                tensors = [n for n in set(own) & set(stored) if n != "_extra_state"]  # settings: RunSettings above
+                names = sorted((set(own) ^ set(stored)) - {"_extra_state"}) + sorted(
+                    n for n in tensors if tuple(own[n].shape) != tuple(stored[n].shape))
                 if names:
                     problems.append(f"{len(names)} tensors of {key!r} differ, e.g. {', '.join(names[:3])}")
         if problems:
@@ -184,7 +197,14 @@ class ResumeFromCheckpoint(CheckpointLoader):
 
 
 class LambdaEScheduler:
-    """Set `engine.lambda_e` from the configured schedule at every epoch start (1-based t)."""
+    """Set `engine.lambda_e` from the configured schedule at every epoch start (1-based t).
+
+    Args:
+        schedule: paper | sigmoid | polynomial | constant (scripts.losses.lambda_e).
+        rampup_epochs: T, the epoch the ramp reaches its value.
+        gamma: exponent of the polynomial ramp.
+        value: the weight after the ramp.
+    """
 
     def __init__(self, schedule: str = "paper", rampup_epochs: float = 15.0, gamma: float = 2.0, value: float = 1.0):
         lambda_e(1, schedule, rampup_epochs, gamma, value)  # validate the arguments now, not mid-run
@@ -199,7 +219,13 @@ class LambdaEScheduler:
 
 
 class ValidationReport:
-    """At the end of training, print and save the table of the best validation epoch."""
+    """At the end of training, print and save the table of the best validation epoch.
+
+    Args:
+        validator: the validation engine whose metrics are watched.
+        output_path: where the table is written (None: printed only).
+        name: logger name.
+    """
 
     def __init__(self, validator, output_path: str | None = None, name: str | None = None):
         self.validator = validator
@@ -260,6 +286,15 @@ class CAMImageWriter:
 
     `dataset` is a SliceDataset (items with "image" (K, H, W), "label", "mask"); the
     transform is drawn once, from its own seed, so every epoch shows the same views.
+
+    Args:
+        network: the MultiModalCAM being trained.
+        dataset: the SliceDataset the example slices come from.
+        log_dir: TensorBoard folder.
+        transform_kind: kind of the transform pi shown.
+        num_slices: tumour slices shown.
+        seed: seed of the drawn transform.
+        tag: TensorBoard tag prefix.
     """
 
     def __init__(self, network, dataset, log_dir: str, transform_kind: str = "rotation", num_slices: int = 4,

@@ -33,7 +33,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor, NibabelWriter, decollate_batch
 from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
-from monai.inferers import Inferer, SliceInferer
+from monai.inferers import Inferer
 from monai.transforms import Transform
 from monai.utils import convert_to_tensor
 
@@ -42,8 +42,8 @@ from scripts.datasets import DataError, check_same_grid, discover_subjects, load
 from scripts.output_files import OutputManifest, check_distinct_names, file_name
 from scripts.runtime import BundleError, MissingCheckpoint
 from scripts.sanity import mask_warning, volume_warnings
-from scripts.maps import FUSIONS, METHODS, TTA_CHOICES, augmented_maps, binarise, fuse_maps, gate_maps
-from scripts.precision import autocast, resolve_precision, to_memory_format
+from scripts.map_engine import MapEngine, brain_slices  # noqa: F401 (brain_slices: part of this module's API)
+from scripts.precision import resolve_precision, to_memory_format
 
 FUSED = "fused"
 TRAIN_HINT = "python -m monai.bundle run training --config_file configs/train.yaml"
@@ -146,6 +146,10 @@ class LoadSubjectd(Transform):
     on exactly that grid. MONAI's LoadImaged loads a fixed set of keys and fails on a
     missing one, and the error must name the subject; hence this small transform around
     LoadImage.
+
+    Args:
+        modalities: the networks' modalities (loaded when present, in this order).
+        image_key: output key of the stacked volume.
     """
 
     def __init__(self, modalities: Sequence[str] = MODALITIES, image_key: str = "image"):
@@ -191,15 +195,6 @@ class LoadSubjectd(Transform):
 # Maps of one subject
 
 
-def brain_slices(image: torch.Tensor) -> torch.Tensor:
-    """(D,) bool: axial slices with any non-zero voxel in any channel of (K, H, W, D).
-
-    Normalisation over non-zero voxels and zero padding keep the background at zero, so this
-    equals the data layer's brain test on the raw intensities.
-    """
-    return (torch.as_tensor(image) != 0).reshape(-1, image.shape[-1]).any(dim=0)
-
-
 class CAMMapEvaluator(Evaluator):
     """MONAI Evaluator whose iteration turns subjects into tumour maps and masks.
 
@@ -208,79 +203,63 @@ class CAMMapEvaluator(Evaluator):
     "brain" (D,). The output of a subject is {"pred": (M+1, H, W, D) maps of the M networks
     that had an input then the fused map, "mask": (1, H, W, D) fused > threshold,
     "map_names", "modalities_used", "modalities_missing"}. `postprocessing` (e.g. Invertd +
-    SaveSubjectMapsd) runs on every subject, MONAI's way.
+    SaveSubjectMapsd) runs on every subject, MONAI's way. The maps come from the map engine
+    (`scripts.map_engine.MapEngine`), the same as validation's.
 
-    The network's own forward (MultiModalCAM) needs every modality and only does CAMs, so the
-    iteration calls its per-modality `nets` through `scripts.maps` (CAM / GradCAM++, gating,
-    TTA) inside the configured slice inferer.
+    Args:
+        device: where the networks run.
+        val_data_loader: subjects (lists of dicts, see above).
+        network: a MultiModalCAM (its per-modality `nets` run, so missing modalities are skipped).
+        inferer: the slice inferer (MONAI SliceInferer); default one over whole slices.
+        method: "cam", "gradcampp" or "softmax".
+        gate: empty maps on slices a network classifies as healthy.
+        gate_threshold: tumour probability a slice must exceed to keep its map.
+        tta: None, "flips" or "flips_rot90".
+        fusion: "max" or "mean" over the modalities.
+        threshold: binarisation threshold (mask = fused > threshold).
+        slice_batch_size: slices per forward.
+        postprocessing: transform run on each subject's output (Invertd, SaveSubjectMapsd).
+        val_handlers: MONAI / ignite handlers to attach.
+        epoch_length: iterations per run (default: the loader's length).
+        precision: auto | bf16 | fp16 | fp32 autocast (scripts.precision); None = fp32.
+        channels_last: store the networks' weights NHWC.
+        slice_normalization: per-slice normalisation the networks were trained with; None =
+            the network's recorded setting ("none" when it records none).
     """
 
     def __init__(self, device, val_data_loader, network, inferer: Inferer | None = None, method: str = "cam",
                  gate: bool = True, gate_threshold: float = 0.5, tta: str | None = None, fusion: str = "max",
                  threshold: float = 0.5, slice_batch_size: int = 32, postprocessing=None, val_handlers=None,
-                 epoch_length: int | None = None, precision: str | None = None, channels_last: bool = False):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if tta not in TTA_CHOICES:
-            raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta!r}")
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+                 epoch_length: int | None = None, precision: str | None = None, channels_last: bool = False,
+                 slice_normalization: str | None = None):
+        settings = getattr(network, "settings", None)
+        if slice_normalization is None and settings is not None:
+            slice_normalization = settings.slice_normalization
+        self.engine = MapEngine(method=method, gate=gate, gate_threshold=gate_threshold, fusion=fusion,
+                                threshold=threshold, tta=tta, slice_batch_size=slice_batch_size,
+                                precision=resolve_precision(precision, device),
+                                slice_normalization=slice_normalization, inferer=inferer)
         super().__init__(device=device, val_data_loader=val_data_loader, epoch_length=epoch_length,
                          postprocessing=postprocessing, val_handlers=val_handlers, decollate=False)
-        # precision: auto | bf16 | fp16 | fp32 autocast of the networks (scripts.precision; None = fp32);
-        # channels_last: NHWC weights. Maps are normalised in float32 either way.
-        self.precision = resolve_precision(precision, device)
         self.network = to_memory_format(network, channels_last)
-        self.inferer = inferer
-        self.method, self.gate, self.gate_threshold = method, bool(gate), float(gate_threshold)
-        self.tta, self.fusion, self.threshold = tta, fusion, float(threshold)
-        self.slice_batch_size = int(slice_batch_size)
-
-    def _slice_function(self, nets: Sequence[torch.nn.Module]):
-        """(b, M, H, W) slices -> (b, M, H, W) maps, channel k from nets[k]."""
-
-        def slice_maps(x: torch.Tensor) -> torch.Tensor:
-            out = []
-            for k, net in enumerate(nets):
-                maps, probs = augmented_maps(net, x[:, k:k + 1], self.method, self.tta, self.slice_batch_size)
-                out.append(gate_maps(maps, probs, self.gate_threshold) if self.gate else maps)
-            return torch.stack(out, dim=1)
-
-        return slice_maps
-
-    def modality_maps(self, volume: torch.Tensor, nets: Sequence[torch.nn.Module]) -> torch.Tensor:
-        """(M, H, W, D) volume, one network per channel -> (M, H, W, D) maps on the CPU."""
-        inferer = self.inferer or SliceInferer(roi_size=tuple(volume.shape[1:3]), spatial_dim=2,
-                                               sw_batch_size=self.slice_batch_size)
-        x = volume[None].to(self.state.device, dtype=torch.float32)
-        with torch.no_grad(), autocast(self.state.device, self.precision):
-            maps = inferer(x, self._slice_function(nets))
-        return convert_to_tensor(maps, track_meta=False)[0].float().cpu()
 
     def subject_maps(self, item: dict) -> dict:
         """Maps, fused map and mask of one subject (see the class docstring)."""
         image = convert_to_tensor(item["image"], track_meta=False)
         channels = list(item.get("modalities") or self.network.modalities)
-        pairs = [(m, net) for m, net in zip(self.network.modalities, self.network.nets) if m in channels]
-        if not pairs:
+        if not any(m in channels for m in self.network.modalities):
             raise DataError(f"subject {item.get('subject')}: channels {channels} include none of the network's "
                             f"modalities {list(self.network.modalities)}. Fix: give inputs for these modalities.")
-        used = [m for m, _ in pairs]
-        maps = self.modality_maps(image[[channels.index(m) for m in used]], [net for _, net in pairs])
-        brain = item.get("brain")
-        brain = brain_slices(image) if brain is None else torch.as_tensor(brain).bool().reshape(-1)
-        maps = maps * brain.to(maps.dtype)  # slices without brain: empty maps (as in validation)
-        fused = fuse_maps(maps[None], self.fusion)  # (1, H, W, D)
-        mask = binarise(fused, self.threshold)
+        result = self.engine(self.network, image, channels=channels, brain=item.get("brain"))
         # Far from the training data (noise, another contrast) shows as a huge mask: say so.
-        mask_warning(mask[0], (image != 0).any(dim=0), str(item.get("subject")))
+        mask_warning(result.mask, (image != 0).any(dim=0), str(item.get("subject")))
         # MetaTensors: Invertd only inverts MetaTensors (it copies the image's transform trace).
         return {
-            "pred": MetaTensor(torch.cat([maps, fused], dim=0)),
-            "mask": MetaTensor(mask.to(torch.float32)),
-            "map_names": used + [FUSED],
-            "modalities_used": used,
-            "modalities_missing": [m for m in self.network.modalities if m not in used],
+            "pred": MetaTensor(torch.cat([result.maps, result.fused[None]], dim=0)),
+            "mask": MetaTensor(result.mask[None].to(torch.float32)),
+            "map_names": result.names + [FUSED],
+            "modalities_used": result.names,
+            "modalities_missing": [m for m in self.network.modalities if m not in result.names],
         }
 
     def _iteration(self, engine: Engine, batchdata) -> list[dict]:
@@ -329,6 +308,11 @@ class SaveSubjectMapsd(Transform):
     maps an earlier run listed there for modalities that did not run now are removed, and no
     other file is ever deleted. The maps must already be on the input grid (Invertd before
     this); the input's own affine is written, so the geometry is exact.
+
+    Args:
+        output_dir: folder of the subject folders.
+        pred_key: key of the maps (M+1, X, Y, Z).
+        mask_key: key of the mask (1, X, Y, Z).
     """
 
     def __init__(self, output_dir, pred_key: str = "pred", mask_key: str = "mask"):
@@ -359,7 +343,11 @@ class SaveSubjectMapsd(Transform):
 
 
 class SubjectProgress:
-    """Print one line per subject: which networks ran, where the outputs went, seconds taken."""
+    """Print one line per subject: which networks ran, where the outputs went, seconds taken.
+
+    Args:
+        label: the line prefix (inference, evaluate).
+    """
 
     def __init__(self, label: str = "inference"):
         self.label = label

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import TUMOUR_CHANNEL
-from .networks import max_normalise
+from .maps import max_normalise
 
 REDUCTIONS = ("mean", "per_sample_sum")
 SCHEDULES = ("paper", "sigmoid", "polynomial", "constant")

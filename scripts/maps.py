@@ -6,29 +6,29 @@ maps (B,2,H,W)`, `features(x) -> (B,F,h,w)`, `classifier` (bias-free 1x1 conv) w
 slice logits are the global average pool of the maps. `scripts.networks` is deliberately
 not imported, so any module with that contract works (and tests use tiny stand-ins).
 
-Pipeline per modality (the paper's evaluation): CAM or GradCAM++ of the tumour class ->
-per-slice max-normalisation -> optional gating (zero the maps of slices the network
-classifies as healthy) -> optional test-time augmentation -> stack the slices of a volume.
-Fusion of modalities is the pixel-wise max (or mean) of the maps; masks come from
-`binarise` (strictly greater than the threshold, so a zero map is empty at any threshold).
+The one implementation of the method's per-slice primitives: the max-normaliser, the slice
+tumour probability (softmax of the GAP logits), gating, fusion and binarisation, plus CAM /
+GradCAM++ / softmax maps of a batch of slices and fixed-view test-time augmentation.
+`scripts.networks` (the network's gated forward), `scripts.losses` (the CAMs of the loss
+terms) and `scripts.map_engine` (volumes: validation, evaluation and inference) call these.
+Masks come from `binarise` (strictly greater than the threshold, so a zero map is empty at
+any threshold); gating has its own threshold (`gate_threshold`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.data import MetaTensor
-from monai.inferers import SliceInferer
 from monai.transforms import Flip, InvertibleTransform, Rotate90
 from monai.visualize.visualizer import default_upsampler
 
-from scripts.common import MODALITIES, TUMOUR_CHANNEL
-from scripts.precision import autocast, resolve_precision
+from scripts.common import TUMOUR_CHANNEL
 
 METHODS = ("cam", "gradcampp", "softmax")  # softmax: a fully supervised network's mask
 TTA_CHOICES = (None, "flips", "flips_rot90")
@@ -51,17 +51,39 @@ def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
             module.training = was_training
 
 
-def normalise_per_sample(maps: torch.Tensor) -> torch.Tensor:
-    """The authors' max-normaliser applied per sample over all non-batch dims.
+def max_normalise(maps: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """The authors' max-normaliser, per sample and channel over the last two (spatial) dims.
 
-    `p = relu(p); p = relu(p - min - 1e-8) / (max - min + 1e-8)`; the result lies in [0, 1).
+    `p = relu(p); p = relu(p - min - 1e-8) / (max - min + 1e-8)`; the result lies in [0, 1)
+    and a constant map becomes zero. The one implementation: training losses, the network's
+    forward, validation, evaluation and inference all call it (TorchScript-able).
     """
     p = F.relu(maps)
-    flat = p.reshape(p.shape[0], -1)
-    shape = (p.shape[0],) + (1,) * (p.dim() - 1)
-    low = flat.min(dim=1).values.reshape(shape)
-    high = flat.max(dim=1).values.reshape(shape)
-    return F.relu(p - low - EPS) / (high - low + EPS)
+    low = p.amin(dim=(-2, -1), keepdim=True)
+    high = p.amax(dim=(-2, -1), keepdim=True)
+    return F.relu(p - low - eps) / (high - low + eps)
+
+
+def logits_from_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Slice-level logits (B, C): global average pool of the CAMs (B, C, H, W)."""
+    return maps.mean(dim=(-2, -1))
+
+
+def tumour_probability(maps: torch.Tensor, tumour_channel: int = TUMOUR_CHANNEL) -> torch.Tensor:
+    """Softmax tumour probability (B,) of the GAP logits of (B, C, H, W) maps."""
+    return torch.softmax(logits_from_maps(maps), dim=1)[:, tumour_channel]
+
+
+def gate_maps(maps: torch.Tensor, probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Zero the maps (B, ...) of slices whose tumour probability (B,) is not above `threshold`.
+
+    With the default 0.5 this is the 2-class argmax (a tie goes to 'healthy', as argmax does).
+    The gating threshold is its own setting (`gate_threshold` in every config), separate from
+    the binarisation threshold of `binarise`.
+    """
+    keep = (probs > threshold).to(maps.dtype)
+    shape = [-1] + [1] * (maps.dim() - 1)
+    return maps * keep.reshape(shape)
 
 
 def _in_batches(x: torch.Tensor, batch_size: int | None) -> list[torch.Tensor]:
@@ -82,12 +104,6 @@ def _unwrap(net: nn.Module) -> nn.Module:
     return net
 
 
-def _tumour_probability(maps: torch.Tensor) -> torch.Tensor:
-    """Softmax tumour probability of the logits = global average pool of (B,2,H,W) maps."""
-    logits = maps.mean(dim=(-2, -1))
-    return torch.softmax(logits, dim=1)[:, TUMOUR_CHANNEL]
-
-
 def _upsample_to(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """(B,1,h,w) -> (B,1,H,W) with MONAI's CAM upsampler (bilinear), only when needed."""
     if tuple(maps.shape[-2:]) == tuple(size):
@@ -102,8 +118,8 @@ def _upsample_to(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 def _cam_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass: normalised tumour CAM (B,H,W) and tumour probability (B,)."""
     maps = net(x).float()  # under autocast the net gives bf16 / fp16: normalise in float32
-    cam = normalise_per_sample(maps[:, TUMOUR_CHANNEL])
-    return cam, _tumour_probability(maps)
+    cam = max_normalise(maps[:, TUMOUR_CHANNEL])
+    return cam, tumour_probability(maps)
 
 
 def _gradcampp_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,13 +151,13 @@ def _gradcampp_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     weights = (alpha * F.relu(grad)).reshape(b, c, -1).sum(-1).reshape(b, c, 1, 1)
     raw = F.relu((weights * feats).sum(1, keepdim=True))
     raw = _upsample_to(raw, x.shape[-2:])
-    return normalise_per_sample(raw[:, 0]), _tumour_probability(maps.detach())
+    return max_normalise(raw[:, 0]), tumour_probability(maps.detach())
 
 
 def _softmax_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-wise softmax probability of tumour: the map of the full-supervision upper bound."""
     maps = net(x).float()
-    return torch.softmax(maps, dim=1)[:, TUMOUR_CHANNEL], _tumour_probability(maps)
+    return torch.softmax(maps, dim=1)[:, TUMOUR_CHANNEL], tumour_probability(maps)
 
 
 _BATCH_FNS: dict[str, Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
@@ -184,19 +200,7 @@ def slice_probabilities(net: nn.Module, x: torch.Tensor, batch_size: int | None 
 
 
 # ---------------------------------------------------------------------------------------
-# Gating, fusion, thresholding (torch tensors or NumPy arrays)
-
-
-def gate_maps(maps, probs, threshold: float = 0.5):
-    """Zero the maps (B,...) of slices whose tumour probability is not above `threshold`.
-
-    With the default 0.5 this is the 2-class argmax (a tie goes to 'healthy', as argmax does).
-    """
-    keep = probs > threshold
-    shape = (-1,) + (1,) * (maps.ndim - 1)
-    if isinstance(maps, torch.Tensor):
-        return maps * keep.reshape(shape).to(maps.dtype)
-    return maps * np.asarray(keep).reshape(shape).astype(maps.dtype)
+# Fusion and thresholding (torch tensors or NumPy arrays)
 
 
 def fuse_maps(maps, how: str = "max"):
@@ -260,74 +264,4 @@ def augmented_maps(
     mean_probs = torch.stack([p for _, p in results]).mean(0)
     if method == "softmax":  # already probabilities: no re-normalisation
         return mean_maps, mean_probs
-    return normalise_per_sample(mean_maps), mean_probs
-
-
-# ---------------------------------------------------------------------------------------
-# Volumes
-
-
-def as_modality_nets(nets) -> dict[str, nn.Module]:
-    """dict modality -> net from a dict or a MultiModalCAM-like model (`modalities`, `nets`)."""
-    if isinstance(nets, Mapping):
-        return dict(nets)
-    if hasattr(nets, "nets") and hasattr(nets, "modalities"):
-        return dict(zip(list(nets.modalities), list(nets.nets)))
-    raise TypeError("expected a dict modality -> network or a model with `modalities` and `nets`")
-
-
-def _channel_order(nets: Mapping[str, nn.Module], n_channels: int, channels) -> list[str]:
-    """Which modality each volume channel holds: given, else the nets' order, else MODALITIES."""
-    if channels is not None:
-        order = list(channels)
-    elif n_channels == len(nets):
-        order = list(nets)
-    elif n_channels == len(MODALITIES):
-        order = list(MODALITIES)
-    else:
-        raise ValueError(
-            f"volume has {n_channels} channels but {len(nets)} networks {list(nets)}: pass `channels`"
-        )
-    missing = [m for m in nets if m not in order]
-    if len(order) != n_channels or missing:
-        raise ValueError(f"channels {order} do not cover networks {list(nets)} for a {n_channels}-channel volume")
-    return order
-
-
-def volume_maps(
-    nets,
-    volume: torch.Tensor,
-    method: str = "cam",
-    batch_size: int = 32,
-    gate: bool = True,
-    tta: str | None = None,
-    gate_threshold: float = 0.5,
-    channels: Sequence[str] | None = None,
-    precision: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """Maps of every modality network over a volume (K,H,W,D) -> dict modality -> (H,W,D).
-
-    Slices run along the last axis through MONAI's SliceInferer (roi = the whole slice, no
-    overlap, so every slice is computed exactly once and stacked back in order). Each
-    network reads its own modality's channel; `channels` names the volume's channels when
-    they do not follow the networks' order. `precision` (auto | bf16 | fp16 | fp32, None =
-    fp32) autocasts the networks; the maps are normalised in float32 either way.
-    """
-    modality_nets = as_modality_nets(nets)
-    order = _channel_order(modality_nets, volume.shape[0], channels)
-    index = [order.index(m) for m in modality_nets]
-    device = _device_of(next(iter(modality_nets.values())))
-
-    def slice_batch(x: torch.Tensor) -> torch.Tensor:  # (b,K,H,W) -> (b,M,H,W)
-        out = []
-        for net, k in zip(modality_nets.values(), index):
-            maps, probs = augmented_maps(net, x[:, k : k + 1], method, tta, batch_size)
-            out.append(gate_maps(maps, probs, gate_threshold) if gate else maps)
-        return torch.stack(out, dim=1)
-
-    height, width = volume.shape[1:3]
-    inferer = SliceInferer(roi_size=(height, width), spatial_dim=2, sw_batch_size=batch_size, overlap=0.0)
-    with torch.no_grad(), autocast(device, resolve_precision(precision, device)):
-        stacked = inferer(torch.as_tensor(volume, dtype=torch.float32)[None].to(device), slice_batch)
-    stacked = torch.as_tensor(stacked)[0].float().cpu()
-    return {m: stacked[i] for i, m in enumerate(modality_nets)}
+    return max_normalise(mean_maps), mean_probs

@@ -9,6 +9,9 @@ channel `TUMOUR_CHANNEL` of the output.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -18,6 +21,9 @@ from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from monai.networks.nets.resnet import ResNet
 
 from scripts.common import TUMOUR_CHANNEL
+# The one normaliser / slice probability / gate (re-exported here for the network's users).
+from scripts.maps import gate_maps, logits_from_maps, max_normalise, tumour_probability  # noqa: F401
+from scripts.runtime import BundleError
 
 BACKBONES = ("unet", "deeplab")
 
@@ -178,19 +184,6 @@ class DeepLabCAM(torch.nn.Module):
         return self.classifier(self.features(x))
 
 
-def logits_from_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Slice-level logits (B, C): global average pool of the CAMs."""
-    return maps.mean(dim=(-2, -1))
-
-
-def max_normalise(maps: torch.Tensor) -> torch.Tensor:
-    """Per sample and channel: relu, then min-max to [0, 1] (the authors' normaliser)."""
-    maps = F.relu(maps)
-    low = maps.amin(dim=(-2, -1), keepdim=True)
-    high = maps.amax(dim=(-2, -1), keepdim=True)
-    return F.relu(maps - low - 1e-8) / (high - low + 1e-8)
-
-
 def build_network(
     backbone: str = "unet", *, in_channels: int = 1, num_classes: int = 2, base_channels: int = 64,
     **kwargs,
@@ -213,8 +206,30 @@ class MultiModalCAM(torch.nn.Module):
 
     `forward(x (B, K, H, W)) -> (B, K, H, W)`: channel k is modality k's max-normalised
     tumour map, zeroed on slices that network classifies as healthy (softmax tumour
-    probability < gate_threshold) when `gate` is on.
+    probability not above `gate_threshold`) when `gate` is on.
+
+    The model carries its configuration: `settings` (a `ModelSettings`)
+    holds the network's shape and the geometry of the data it was trained on, and travels in
+    the state dict as PyTorch's extra state (key `_extra_state`: UTF-8 JSON in a uint8 tensor,
+    so tools that treat every entry as a tensor, e.g. `monai.bundle.load`, still work), and
+    `models/model.pt` stays a plain state dict. Loading a state dict recorded with other
+    settings raises a one-line `SettingsMismatch` naming both values; settings this network
+    was built without (None) are taken from the state dict.
+
+    Args:
+        modalities: modality names, one network each, in channel order.
+        backbone: "unet" (the authors' U-Net) or "deeplab" (DeepLabv3, Table IV).
+        base_channels: width of the first stage (the paper: 64).
+        gate: zero the maps of slices a network classifies as healthy.
+        gate_threshold: tumour probability a slice must exceed to keep its map.
+        spacing: voxel spacing (mm) the training volumes were resampled to (recorded only).
+        spatial_size: in-plane (H, W) the training slices were padded / cropped to (recorded only).
+        normalization: intensity normalisation of the training volumes, "volume" or "none".
+        slice_normalization: per-slice normalisation of the training slices, "none" or "zscore".
+        network_kwargs: further options of the backbone (DeepLabCAM).
     """
+
+    __jit_ignored_attributes__ = ["settings"]  # a Python object: not part of the scripted module
 
     def __init__(
         self,
@@ -223,6 +238,10 @@ class MultiModalCAM(torch.nn.Module):
         base_channels: int = 64,
         gate: bool = True,
         gate_threshold: float = 0.5,
+        spacing: float | Sequence[float] | None = None,
+        spatial_size: Sequence[int] | None = None,
+        normalization: str | None = None,
+        slice_normalization: str | None = None,
         **network_kwargs,
     ) -> None:
         super().__init__()
@@ -236,15 +255,25 @@ class MultiModalCAM(torch.nn.Module):
         self.gate = gate
         self.tumour_channel = TUMOUR_CHANNEL  # an attribute: TorchScript cannot read globals
         self.gate_threshold = float(gate_threshold)
+        self.settings = ModelSettings(modalities=self.modalities, backbone=backbone, base_channels=base_channels,
+                                      spacing=spacing, spatial_size=spatial_size, normalization=normalization,
+                                      slice_normalization=slice_normalization)
+        # A state dict written before settings were recorded has no `_extra_state`: accept it.
+        self._register_load_state_dict_pre_hook(_allow_missing_extra_state)
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self.settings.to_tensor()
+
+    def set_extra_state(self, state) -> None:
+        recorded = ModelSettings.from_state(state)
+        self.settings = self.settings.merged(recorded, source="the state dict being loaded")
 
     def _tumour_map(self, maps: torch.Tensor) -> torch.Tensor:
         """(B, 2, H, W) raw maps -> (B, H, W) normalised, optionally gated tumour map."""
         maps = maps.float()  # the normaliser and softmax in float32, also under autocast
         cam = max_normalise(maps)[:, self.tumour_channel]
         if self.gate:
-            probability = torch.softmax(logits_from_maps(maps), dim=1)[:, self.tumour_channel]
-            keep = (probability > self.gate_threshold).to(cam.dtype)  # as argmax: ties -> healthy
-            cam = cam * keep[:, None, None]
+            cam = gate_maps(cam, tumour_probability(maps, self.tumour_channel), self.gate_threshold)
         return cam
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,3 +283,126 @@ class MultiModalCAM(torch.nn.Module):
         for index, net in enumerate(self.nets):
             cams.append(self._tumour_map(net(x[:, index : index + 1])))
         return torch.stack(cams, dim=1)
+
+
+def _allow_missing_extra_state(state_dict, prefix, *args) -> None:
+    state_dict.setdefault(prefix + "_extra_state", None)
+
+
+# ---------------------------------------------------------------------------------------
+# The configuration a model carries
+
+
+class SettingsMismatch(BundleError):
+    """A setting given for a model differs from the one the model was trained with."""
+
+
+def _canonical(name: str, value):
+    """One spelling per setting, so 3 and [3.0, 3.0, 3.0] compare equal."""
+    if value is None:
+        return None
+    if name == "modalities":
+        from scripts.common import canonical_modalities
+
+        return list(canonical_modalities(list(value)))
+    if name == "spacing":
+        values = [float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        return values * 3 if len(values) == 1 else values
+    if name == "spatial_size":
+        return [int(v) for v in value]
+    if name == "base_channels":
+        return int(value)
+    return str(value)
+
+
+@dataclasses.dataclass
+class ModelSettings:
+    """What a model needs to be rebuilt and fed: network shape and training geometry.
+
+    None = not known (e.g. a network built without data settings, or an older checkpoint).
+
+    Args:
+        modalities: modality names, one network each, in channel order.
+        backbone: "unet" or "deeplab".
+        base_channels: width of the first stage.
+        spacing: voxel spacing (mm, 3 values) the training volumes were resampled to.
+        spatial_size: in-plane (H, W) the training slices were padded / cropped to.
+        normalization: "volume" (z-score over brain voxels) or "none".
+        slice_normalization: "none" or "zscore" (the paper's per-slice z-score).
+    """
+
+    modalities: list | None = None
+    backbone: str | None = None
+    base_channels: int | None = None
+    spacing: list | None = None
+    spatial_size: list | None = None
+    normalization: str | None = None
+    slice_normalization: str | None = None
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, _canonical(field.name, getattr(self, field.name)))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(values).items() if k in names})
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_tensor(self) -> torch.Tensor:
+        """UTF-8 JSON as a uint8 tensor: a state-dict entry every tensor tool can carry."""
+        return torch.tensor(list(json.dumps(self.as_dict(), sort_keys=True).encode()), dtype=torch.uint8)
+
+    @classmethod
+    def from_state(cls, state) -> "ModelSettings":
+        """Settings from a state dict's `_extra_state` (tensor, dict or None = not recorded)."""
+        if isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1 and state.numel():
+            state = json.loads(bytes(state.tolist()).decode())
+        return cls.from_dict(state) if isinstance(state, dict) else cls()
+
+    def merged(self, other: "ModelSettings", source: str, flag: str = "") -> "ModelSettings":
+        """These settings completed by `other`'s; a value both know and that differs is an error."""
+        merged = {}
+        for name, own in self.as_dict().items():
+            theirs = getattr(other, name)
+            if own is not None and theirs is not None and own != theirs:
+                raise SettingsMismatch(
+                    f"{flag}{name} {own!r} differs from {name} {theirs!r} recorded in {source}. Fix: leave "
+                    f"{flag or 'the setting '}{name} out to use the recorded value, or use a model trained with {own!r}.")
+            merged[name] = own if own is not None else theirs
+        return ModelSettings(**merged)
+
+
+# Architecture defaults for tools that build `network_def` without any checkpoint (MONAI's
+# verify_net_in_out, export of random weights); a checkpoint's own settings always win.
+DEFAULT_SETTINGS = ModelSettings(modalities=["t1", "t1c", "t2", "flair"], backbone="unet", base_channels=16,
+                                 spacing=3.0, spatial_size=[80, 80], normalization="volume",
+                                 slice_normalization="none")
+
+
+def checkpoint_settings(path) -> ModelSettings:
+    """The settings recorded in a model checkpoint (all None when absent or not recorded)."""
+    if path is None or not Path(path).is_file():
+        return ModelSettings()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: the checkpoint loader reports it with its own message
+        return ModelSettings()
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    return ModelSettings.from_state(state.get("_extra_state") if isinstance(state, dict) else None)
+
+
+def model_settings(ckpt_path=None, **given) -> dict:
+    """The model's settings for a workflow: values given explicitly (not None), else those the
+    checkpoint records, else `DEFAULT_SETTINGS`. A given value that differs from the recorded
+    one raises a one-line `SettingsMismatch` naming both (e.g. `--base_channels 8` for a model
+    trained with 16).
+    """
+    explicit = ModelSettings.from_dict(given)
+    recorded = checkpoint_settings(ckpt_path)
+    settings = explicit.merged(recorded, source=f"the checkpoint {ckpt_path}", flag="--")
+    defaults = DEFAULT_SETTINGS.as_dict()
+    return {name: value if value is not None else defaults[name] for name, value in settings.as_dict().items()}

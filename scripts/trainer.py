@@ -20,14 +20,15 @@ import ctypes.util
 import sys
 
 import torch
-import torch.nn.functional as F
 from ignite.metrics import Average
 from monai.engines import Evaluator, Trainer
 from monai.engines.utils import IterationEvents
 from monai.metrics import compute_dice
+from monai.utils import CommonKeys as Keys
 
-from .common import TUMOUR_CHANNEL
-from .losses import CMERObjective, FullSupervisionObjective, tumour_cam
+from .losses import CMERObjective, FullSupervisionObjective
+from .map_engine import MapEngine
+from .maps import binarise
 from .precision import autocast, resolve_precision, to_memory_format, uses_grad_scaler
 
 
@@ -36,6 +37,11 @@ class TransformSampler:
 
     Its generator state is checkpointed (state_dict) so a resumed run continues the
     same stream of transforms.
+
+    Args:
+        kinds: transform kinds to draw from (flip, rotation, scale, translation), one per batch.
+        config: options of the transforms (scripts.equivariance.draw_transform).
+        seed: seed of the sampler's own generator.
     """
 
     def __init__(self, kinds=("flip", "rotation", "scale", "translation"), config: dict | None = None, seed: int = 0):
@@ -59,7 +65,14 @@ class TransformSampler:
 
 
 class ModalityOptimizers:
-    """One AdamW per modality network (Algorithm 1), checkpointable as one object."""
+    """One AdamW per modality network (Algorithm 1), checkpointable as one object.
+
+    Args:
+        network: the MultiModalCAM whose `nets` get one optimiser each.
+        lr: learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+    """
 
     def __init__(self, network, lr: float = 5e-5, weight_decay: float = 0.1, betas=(0.9, 0.999)):
         self.optimizers = [
@@ -267,9 +280,24 @@ class CMERTrainer(Trainer):
         return type(result)(total=total, per_modality=per_modality)
 
     def _iteration(self, engine, batchdata: dict) -> dict:
+        """One minibatch: draw pi, one forward per network over [x ; pi(x)], Eq. 8, K optimiser steps.
+
+        Args:
+            engine: this trainer (ignite passes it).
+            batchdata: {Keys.IMAGE "image": (B, K, H, W), Keys.LABEL "label": (B,) slice labels,
+                optional "mask": (B, 1, H, W) (full supervision only)}.
+
+        Returns:
+            A flat dict of Python floats (also `engine.state.output`): `Keys.LOSS` ("loss", the
+            summed Eq. 8 objective of the K networks), "lambda_e", and "<modality>/<term>" for
+            every term (L_C, L_ER, L_KD, L_CMER, loss) of every modality, plus "transform" (the
+            kind of pi). It is not decollated (`decollate=False`: per-sample items would only
+            repeat these scalars), so handlers read it with `scripts.trainer.loss_scalars`
+            (every term) or `from_engine([Keys.LOSS])` (the total).
+        """
         device, non_blocking = engine.state.device, engine.non_blocking
-        images = batchdata["image"].to(device, non_blocking=non_blocking).float()
-        labels = batchdata["label"].to(device, non_blocking=non_blocking).long().view(-1)
+        images = batchdata[Keys.IMAGE].to(device, non_blocking=non_blocking).float()
+        labels = batchdata[Keys.LABEL].to(device, non_blocking=non_blocking).long().view(-1)
         mask = batchdata.get("mask")
         mask = mask.to(device, non_blocking=non_blocking) if mask is not None else None
         if images.shape[1] != len(self.modalities):
@@ -291,7 +319,7 @@ class CMERTrainer(Trainer):
         self.optimizers.step(scaler)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
-        output = {"loss": result.total.detach().item(), "lambda_e": float(self.lambda_e)}
+        output = {Keys.LOSS: result.total.detach().item(), "lambda_e": float(self.lambda_e)}
         for name, terms in result.per_modality.items():
             for term, value in terms.items():
                 output[f"{name}/{term}"] = value.item()
@@ -311,21 +339,38 @@ def _average(key: str) -> Average:
 
 
 class CAMValidator(Evaluator):
-    """Per-volume validation: CAMs of every slice, gated by the slice classifier, fused by max.
+    """Per-volume validation through the map engine (`scripts.map_engine.MapEngine`): the same
+    gated, fused maps and masks as evaluation and inference.
 
-    Args (beyond MONAI's Evaluator): `network` (a MultiModalCAM), `slice_batch_size` (slices
-    per forward), `threshold` (mask and gate threshold), `gate` (empty maps on slices classified
-    healthy), `map_kind` ("cam" or "softmax"), `amp` (legacy: used when `precision` is None),
-    `precision` (auto | bf16 | fp16 | fp32, `scripts.precision`), `channels_last` (NHWC weights).
+    Slices without brain are given empty maps (they are not in the training index and a
+    classifier has no business there). Empty-truth volumes score DSC 1 when the prediction
+    is empty too and 0 otherwise (MONAI's ignore_empty=False). Metrics: `val_dsc_<map>` per
+    modality and fused (the key metric), `val_acc_<modality>` slice classification accuracy
+    over brain slices (probability > `gate_threshold`). The iteration's output also holds
+    `Keys.PRED` (M+1, H, W, D: the maps then the fused map) and "mask" (1, H, W, D).
 
-    Slices without brain are given empty maps (they are not in the training index and
-    a classifier has no business there). Empty-truth volumes score DSC 1 when the
-    prediction is empty too and 0 otherwise (MONAI's ignore_empty=False).
+    Args:
+        device: where the networks run.
+        val_data_loader: volumes {"image": (1, K, H, W, D), "mask": (1, 1, H, W, D), optional
+            "brain": (1, D)} (scripts.datasets.VolumeDataset).
+        network: the MultiModalCAM being trained.
+        slice_batch_size: slices per forward.
+        threshold: binarisation threshold of the maps (mask = map > threshold).
+        gate: empty maps on slices a network classifies as healthy.
+        map_kind: "cam" or "softmax" (the full-supervision upper bound).
+        val_handlers: MONAI / ignite handlers to attach.
+        amp: legacy switch, used only when `precision` is None.
+        precision: auto | bf16 | fp16 | fp32 (`scripts.precision`).
+        channels_last: store the networks' weights NHWC.
+        gate_threshold: tumour probability a slice must exceed to keep its map.
+        fusion: "max" or "mean" over the modalities.
+        slice_normalization: the training slices' per-slice normalisation ("none" | "zscore").
     """
 
     def __init__(self, device, val_data_loader, network, slice_batch_size: int = 32, threshold: float = 0.5,
                  gate: bool = True, map_kind: str = "cam", val_handlers=None, amp: bool = False,
-                 precision: str | None = None, channels_last: bool = False):
+                 precision: str | None = None, channels_last: bool = False, gate_threshold: float = 0.5,
+                 fusion: str = "max", slice_normalization: str | None = "none"):
         if map_kind not in ("cam", "softmax"):
             raise ValueError(f"map_kind must be 'cam' or 'softmax', got {map_kind!r}")
         modalities = list(network.modalities)
@@ -341,55 +386,32 @@ class CAMValidator(Evaluator):
         )
         self.network = to_memory_format(network, channels_last)
         self.modalities = modalities
-        self.slice_batch_size = slice_batch_size
-        self.threshold = threshold
-        self.gate = gate
-        self.map_kind = map_kind
-
-    @torch.no_grad()
-    def volume_maps(self, volume: torch.Tensor, brain_slices: torch.Tensor | None):
-        """volume (K, H, W, D) -> CAMs (K, H, W, D) gated, and slice tumour probabilities (K, D)."""
-        slices = volume.permute(3, 0, 1, 2)  # (D, K, H, W)
-        cams, probs = [], []
-        for start in range(0, slices.shape[0], self.slice_batch_size):
-            chunk = slices[start:start + self.slice_batch_size].to(self.state.device).float()
-            with autocast(self.state.device, self.precision):
-                chunk_maps = [net(chunk[:, k:k + 1]).float() for k, net in enumerate(self.network.nets)]
-            chunk_probs = torch.stack([F.softmax(m.mean(dim=(2, 3)), dim=1)[:, TUMOUR_CHANNEL] for m in chunk_maps], 1)
-            if self.map_kind == "cam":
-                chunk_cams = torch.cat([tumour_cam(m) for m in chunk_maps], dim=1)  # (b, K, H, W)
-            else:  # a fully supervised network: pixel-wise softmax probability of tumour
-                chunk_cams = torch.cat([F.softmax(m, dim=1)[:, TUMOUR_CHANNEL:TUMOUR_CHANNEL + 1] for m in chunk_maps], 1)
-            if self.gate and self.map_kind == "cam":
-                chunk_cams = chunk_cams * (chunk_probs > self.threshold).to(chunk_cams.dtype)[..., None, None]
-            cams.append(chunk_cams)
-            probs.append(chunk_probs)
-        cams = torch.cat(cams).permute(1, 2, 3, 0)  # (K, H, W, D)
-        probs = torch.cat(probs).permute(1, 0)  # (K, D)
-        if brain_slices is not None:
-            keep = brain_slices.to(cams.device).bool()
-            cams = cams * keep.to(cams.dtype)
-            probs = probs * keep.to(probs.dtype)
-        return cams, probs
+        # A fully supervised network's softmax maps are not gated (as before: gating is the CAM method's).
+        self.engine = MapEngine(method=map_kind, gate=gate and map_kind == "cam", gate_threshold=gate_threshold,
+                                fusion=fusion, threshold=threshold, slice_batch_size=slice_batch_size,
+                                precision=self.precision, slice_normalization=slice_normalization)
 
     def _iteration(self, engine, batchdata: dict) -> dict:
+        """One volume -> {"dsc/<map>": float, "acc/<modality>": float, Keys.PRED, "mask"}."""
         self.network.eval()
         volume = batchdata["image"][0]
-        truth = batchdata["mask"][0, 0].to(engine.state.device) > 0.5  # (H, W, D)
+        truth = batchdata["mask"][0, 0] > 0.5  # (H, W, D)
         brain = batchdata.get("brain")
-        brain = brain[0] if brain is not None else None
-        cams, probs = self.volume_maps(volume, brain)
-        slice_labels = truth.flatten(0, 1).any(dim=0)  # (D,)
-        maps = {m: cams[k] for k, m in enumerate(self.modalities)}
-        if len(self.modalities) > 1:
-            maps["fused"] = cams.max(dim=0).values
+        result = self.engine(self.network, volume, channels=self.modalities,
+                             brain=brain[0] if brain is not None else None)
+        maps = {m: result.maps[k] for k, m in enumerate(result.names)}
+        if len(result.names) > 1:
+            maps["fused"] = result.fused
         output = {}
         for name, cam in maps.items():
-            pred = (cam > self.threshold)[None, None].float()  # as scripts.maps.binarise
+            pred = binarise(cam, self.engine.threshold)[None, None].float()
             output[f"dsc/{name}"] = compute_dice(pred, truth[None, None].float(), ignore_empty=False).item()
-        counted = brain.bool().to(probs.device) if brain is not None else torch.ones_like(slice_labels)
-        for k, name in enumerate(self.modalities):
-            correct = ((probs[k] > self.threshold) == slice_labels) & counted
+        slice_labels = truth.flatten(0, 1).any(dim=0)  # (D,)
+        counted = result.brain
+        for k, name in enumerate(result.names):
+            correct = ((result.probabilities[k] > self.engine.gate_threshold) == slice_labels) & counted
             output[f"acc/{name}"] = (correct.sum() / counted.sum().clamp_min(1)).item()
+        output[Keys.PRED] = torch.cat([result.maps, result.fused[None]], dim=0)
+        output["mask"] = result.mask[None]
         engine.state.output = output
         return output

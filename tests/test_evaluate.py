@@ -85,7 +85,7 @@ def run_evaluation(dataset: Path, out: Path, **override) -> ConfigWorkflow:
     settings = {
         "bundle_root": str(REPO), "dataset_dir": str(dataset), "cache_dir": str(out.parent / "cache"),
         "split": [1, 1, 2], "output_dir": str(out), "base_channels": 4, "spatial_size": [16, 16],
-        "device": "$torch.device('cpu')", "num_workers": 0, **override,
+        "spacing": 0, "device": "$torch.device('cpu')", "num_workers": 0, **override,
     }
     wf = ConfigWorkflow(config_file=CONFIGS, meta_file=META, workflow_type=None, run_id="evaluating", **settings)
     wf.initialize()

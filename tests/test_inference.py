@@ -74,7 +74,8 @@ def checkpoint(tmp_path_factory) -> str:
 
 
 def workflow(**override) -> ConfigWorkflow:
-    settings = {"bundle_root": str(REPO), "base_channels": 4, "spatial_size": [16, 16],
+    # spacing 0: every input keeps its own spacing (these tests check the exact voxel geometry)
+    settings = {"bundle_root": str(REPO), "base_channels": 4, "spatial_size": [16, 16], "spacing": 0,
                 "device": "$torch.device('cpu')", **override}
     return ConfigWorkflow(config_file=CONFIG, meta_file=META, workflow_type="infer", **settings)
 
@@ -218,7 +219,7 @@ def test_command_line_with_files(tmp_path, checkpoint):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", CONFIG,
                "--meta_file", META, "--files", str(files), "--subject", "cli_case", "--output_dir", str(out),
-               "--ckpt_path", checkpoint, "--base_channels", "4", "--spatial_size", "[16,16]",
+               "--ckpt_path", checkpoint, "--base_channels", "4", "--spatial_size", "[16,16]", "--spacing", "0",
                "--device", "$torch.device('cpu')"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from monai.visualize import GradCAMpp
 
+from scripts.map_engine import volume_maps
 from scripts.maps import (
     augmented_maps,
     binarise,
@@ -17,9 +18,8 @@ from scripts.maps import (
     fuse_maps,
     gate_maps,
     gradcampp_maps,
-    normalise_per_sample,
+    max_normalise,
     slice_probabilities,
-    volume_maps,
 )
 
 torch.set_num_threads(1)
@@ -117,7 +117,7 @@ def monai_gradcampp(net, x):
 
 def test_normaliser_matches_authors_formula():
     maps = torch.tensor([[[-1.0, 0.5], [2.0, 1.0]], [[3.0, 3.0], [3.0, 3.0]]])
-    out = normalise_per_sample(maps)
+    out = max_normalise(maps)
     p = torch.relu(maps[0])
     expected = torch.relu(p - p.min() - 1e-8) / (p.max() - p.min() + 1e-8)
     torch.testing.assert_close(out[0], expected)
@@ -132,7 +132,7 @@ def test_cam_maps_range_and_equals_tumour_channel():
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     with torch.no_grad():
         raw = net.eval()(x)[:, 1]
-    torch.testing.assert_close(out, normalise_per_sample(raw))
+    torch.testing.assert_close(out, max_normalise(raw))
     # Slices with a positive tumour response reach ~1; an all-negative one stays all zero.
     positive = torch.relu(raw).amax(dim=(1, 2)) > 0
     assert positive.any()
@@ -171,7 +171,7 @@ def test_gradcampp_matches_monai_at_batch_one(net_class):
     net = net_class()
     x = slices(batch=2)
     ours = gradcampp_maps(net, x)
-    theirs = normalise_per_sample(monai_gradcampp(net, x))
+    theirs = max_normalise(monai_gradcampp(net, x))
     assert ours.shape == (2, 12, 10)
     assert float(ours.max()) > 0.5  # not a trivially empty map
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
@@ -203,8 +203,8 @@ def test_gate_fuse_binarise():
     maps = torch.rand(3, 4, 4) + 0.1
     gated = gate_maps(maps, torch.tensor([0.9, 0.5, 0.2]))
     assert torch.equal(gated[0], maps[0]) and gated[1:].abs().sum() == 0
-    gated_np = gate_maps(maps.numpy(), np.array([0.1, 0.7, 0.7]), threshold=0.6)
-    assert gated_np[0].sum() == 0 and np.allclose(gated_np[1:], maps[1:].numpy())
+    gated = gate_maps(maps, torch.tensor([0.1, 0.7, 0.7]), threshold=0.6)
+    assert gated[0].sum() == 0 and torch.equal(gated[1:], maps[1:])
 
     stack = torch.stack([torch.zeros(2, 2), torch.tensor([[0.2, 0.8], [0.4, 0.0]])])[None]
     torch.testing.assert_close(fuse_maps(stack, "max")[0], torch.tensor([[0.2, 0.8], [0.4, 0.0]]))

@@ -118,9 +118,8 @@ def test_validator_scores_a_perfect_and_an_empty_prediction():
 def test_validator_maps_are_zero_on_slices_without_brain():
     network = MultiModalCAM(["t1", "t2"], base_channels=4, gate=False)
     validator = CAMValidator(torch.device("cpu"), DataLoader(_volumes(), batch_size=1), network, gate=False)
-    validator.state.device = torch.device("cpu")
     volume = _volumes()[0]
-    cams, probs = validator.volume_maps(volume["image"], volume["brain"])
+    cams = validator.engine(network, volume["image"], brain=volume["brain"]).maps
     assert cams.shape == (2, SIZE, SIZE, 4)
     assert cams[..., 3].abs().sum() == 0
     assert cams[..., :3].abs().sum() > 0
