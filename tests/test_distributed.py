@@ -128,10 +128,11 @@ def test_only_rank_zero_reports_and_saves(rank, monkeypatch):
     train = _enabled_targets(parser, "train#handlers")
     validate = _enabled_targets(parser, "validate#handlers")
     if rank == 0:
-        assert train == ["LambdaEScheduler", "ValidationHandler", "StatsHandler", "TensorBoardStatsHandler", "ProgressBar"]
+        assert train == ["LambdaEScheduler", "ValidationHandler", "StatsHandler", "TensorBoardStatsHandler", "ProgressBar",
+                         "ModalityLRSchedule"]
         assert validate == ["StatsHandler", "TensorBoardStatsHandler", "@validate#best_model_saver", "CAMImageWriter"]
-    else:  # the lambda_E schedule changes the loss; validation is sharded, its metrics all-reduced
-        assert train == ["LambdaEScheduler", "ValidationHandler"]
+    else:  # the lambda_E and lr schedules change the step; validation is sharded, its metrics all-reduced
+        assert train == ["LambdaEScheduler", "ValidationHandler", "ModalityLRSchedule"]
         assert validate == ["@validate#best_model_saver"]
         assert parser.get_parsed_content("is_main_process") is False
 
