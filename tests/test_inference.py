@@ -21,7 +21,6 @@ from monai.bundle import ConfigWorkflow
 
 from scripts.datasets import DataError
 from scripts.inference import LoadSubjectd, find_inputs, record_from_files, require_checkpoint, subject_from_files
-from scripts.networks import MultiModalCAM
 from tests.stand_ins import CopyNet
 
 torch.set_num_threads(1)
@@ -63,14 +62,6 @@ def painted_mask(shape=SHAPE) -> np.ndarray:
     mask = np.zeros(shape, dtype=np.uint8)
     mask[PAINT] = 1
     return mask
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save(MultiModalCAM(["t1", "t1c", "t2", "flair"], base_channels=4).state_dict(), path)
-    return str(path)
 
 
 def workflow(**override) -> ConfigWorkflow:

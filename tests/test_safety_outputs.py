@@ -13,27 +13,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
 from scripts.datasets import DataError
 from scripts.inference import find_inputs
-from scripts.networks import MultiModalCAM
 from scripts.output_files import MANIFEST_NAME, check_distinct_names, file_name, subject_id
 from scripts.runtime import BundleError, project_error
 from tests.safety_data import INFERENCE, META, REPO, write_subject
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save(MultiModalCAM(["t1", "t1c", "t2", "flair"], base_channels=4).state_dict(), path)
-    return str(path)
 
 
 def infer(data: Path, out: Path, checkpoint: str, **override) -> ConfigWorkflow:

@@ -16,8 +16,7 @@ from scripts.phantom.confounders import draw_confounders
 from scripts.phantom.physics import (FIELD_STRENGTHS, GADOLINIUM_R1_PER_MM_MS, draw_protocols,
                                          draw_tissue_properties, signal_table)
 from scripts.phantom.render import MODALITY_FILES, acquire, draw_acquisition, render_clean
-from scripts.phantom.tumour import (GRADES, LABEL_ENHANCING, LABEL_NECROTIC_CORE, LABEL_OEDEMA,
-                                        simulate_tumour)
+from scripts.phantom.tumour import GRADES, LABEL_ENHANCING, LABEL_NECROTIC_CORE, simulate_tumour
 
 # Entropy tags that keep the per-subject streams apart from the grade stream.
 SUBJECT_STREAM = 0
@@ -94,11 +93,6 @@ def generate_subject(index: int, seed: int, spacing: float = 1.0, grade: str = "
     return out
 
 
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    return image
-
-
 def subject_grades(subjects: int, seed: int, hgg_fraction: float = 0.5) -> list[str]:
     """Grade of each subject index: a Sturmian (Bresenham) sequence with a seeded phase.
 
@@ -124,6 +118,7 @@ def _nifti(array: np.ndarray, affine: np.ndarray):
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     return image
+
 
 def write_subject(subject_dir: Path, name: str, arrays: dict) -> None:
     """Write the five BraTS files of one subject, each atomically."""

@@ -61,7 +61,6 @@ RELAXATION_JITTER = 0.15
 GADOLINIUM_R1_PER_MM_MS = {1.5: 4.3e-3, 3.0: 3.7e-3}  # r1 in /(mM ms)
 ENHANCING_T1_POST_MS = {1.5: (400.0, 650.0), 3.0: (450.0, 700.0)}
 VESSEL_T1_POST_MS = {1.5: (250.0, 400.0), 3.0: (300.0, 450.0)}
-ENHANCING_TISSUES = ("enhancing", "vessel")
 
 # Sequence parameter ranges (ms, degrees), drawn per subject.
 T1_WEIGHTING_KINDS = ("spin_echo", "mprage")

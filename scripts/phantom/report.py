@@ -15,7 +15,6 @@ Works on any layout `scripts.datasets.discover_subjects` reads (the phantom, Bra
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -207,11 +206,9 @@ def format_report(rows: list[dict], title: str = "") -> str:
     for r in results:
         real = REAL_ANCHOR.get((r["quantity"], r["compartment"]), {}).get(r["modality"])
         cells = [f"{r['medians'][g]:.2f}" if g in r["medians"] else "-" for g in grades]
+        real_text = f"{real:.2f}" if real is not None else "-"
         lines.append(f"| {TITLES[r['modality']]} | {QUANTITY_TITLES[r['quantity']]} | {r['compartment']} | "
-                     + " | ".join(cells) + f" | {real:.2f} |" if real is not None else
-                     f"| {TITLES[r['modality']]} | {QUANTITY_TITLES[r['quantity']]} | {r['compartment']} | "
-                     + " | ".join(cells) + " | - |")
-        lines[-1] += f" {r['low']:.2f}-{r['high']:.2f} | {r['verdict']} |"
+                     + " | ".join(cells) + f" | {real_text} | {r['low']:.2f}-{r['high']:.2f} | {r['verdict']} |")
     passed = sum(r["verdict"] == "PASS" for r in results)
     failed = sum(r["verdict"] == "FAIL" for r in results)
     lines += ["", f"{passed} bands pass, {failed} fail, {len(results) - passed - failed} not measurable."]

@@ -276,8 +276,6 @@ def core_level_set(rng: np.random.Generator, axes: Sequence[np.ndarray], centre_
         frame = (_random_rotation(rng).T * inverse_axes[:, None]).astype(np.float32)
         rel = points - blob_centre.astype(np.float32).reshape(3, 1, 1, 1)
         level = np.minimum(level, np.sqrt(np.sum(np.tensordot(frame, rel, axes=1) ** 2, axis=0)))
-    lower = [a[0] for a in axes]
-    upper = [a[-1] for a in axes]
     noise = SmoothRandomField(rng, FOV_LOWER, FOV_UPPER, SHAPE_CORRELATION * core_radius_mm).on_grid(axes)[0]
     level = level + rng.uniform(*SHAPE_ROUGHNESS) * core_radius_mm * noise
     if rng.random() < MULTIFOCAL_SHARE:
