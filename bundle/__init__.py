@@ -1,7 +1,7 @@
 """Packaging side of the bundle: the offline metadata schema and thin entry points.
 
     python -m bundle verify    # metadata schema, network in/out, workflow properties
-    python -m bundle export    # models/model.pt -> models/model.ts (TorchScript), checked
+    python -m bundle export    # models/model.pt -> self-contained models/model.ts, checked
     python -m bundle package   # dist/<name>_v<version>.zip for monai.bundle download/load
 
 Each step calls MONAI's own implementation (`monai.bundle.verify_metadata`,
@@ -19,4 +19,5 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "meta_schema.json"
 NET_ID = "network_def"
 TRAIN_CONFIG = "configs/train.yaml"
 INFER_CONFIG = "configs/inference.yaml"
+DEPLOY_CONFIG = "configs/inference_deploy.yaml"  # what consumers run: MONAI components only
 META_FILE = "configs/metadata.json"

@@ -4,15 +4,20 @@ It unzips to `<name>/` (MONAI's bundle specification, "Archive Format"):
 
     <name>/LICENSE
     <name>/configs/metadata.json, *.yaml, logging.conf, methods/, presets/
-    <name>/configs/train.json, inference.json   generated from the YAML (see below)
-    <name>/models/model.pt [, model.ts]
+    <name>/configs/train.json                   generated from train.yaml (see below)
+    <name>/configs/inference.json               configs/inference_deploy.yaml with the model's
+                                                settings: what consumers run, no `scripts.`
+    <name>/models/model.pt, model.ts            weights; TorchScript exported from them now
     <name>/docs/...                             model card, data licence, notes
     <name>/scripts/*.py                         the bundle's Python package
 
 `monai.bundle.load` builds `network_def` only from `configs/{workflow_type}.json` (".json" is
-hard-coded there), so JSON copies of the YAML workflow configs are generated into the
-archive; the repository keeps YAML as the single source. Tests, packaging code, data and
-run outputs stay out.
+hard-coded there) and MONAI Label's bundle app reads `configs/inference.json` first, so JSON
+configs are generated into the archive; the repository keeps YAML as the single source. The
+inference one is the consumer config (MONAI components around models/model.ts, see
+bundle/export.py), so MONAI Label, MONAI Deploy and `monai.bundle.load` need no `scripts`
+on the path; the bundle's own inference stays `configs/inference.yaml`. Tests, packaging
+code, data and run outputs stay out.
 """
 
 from __future__ import annotations
@@ -20,14 +25,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 
-from . import BUNDLE_NAME, META_FILE, ROOT
+from . import BUNDLE_NAME, META_FILE, ROOT, export
 
 logger = logging.getLogger(__name__)
 
-JSON_CONFIGS = ("train", "inference")  # workflow types monai.bundle.load looks up by file name
+TRAIN_JSON = "train"  # workflow type monai.bundle.load looks up by file name (inference: the consumer config)
 _SKIP_PARTS = {"__pycache__", ".pytest_cache", ".ipynb_checkpoints"}
 
 
@@ -65,9 +71,6 @@ def bundle_files(root: Path, model: Path) -> dict[str, Path]:
     if large_files.is_file():
         files["large_files.yml"] = large_files
     files["models/model.pt"] = model
-    torchscript = model.with_suffix(".ts")
-    if torchscript.is_file():
-        files["models/model.ts"] = torchscript
     return files
 
 
@@ -87,24 +90,28 @@ def build_archive(root: str | Path = ROOT, out_dir: str | Path | None = None, mo
     if not model.is_file():
         raise FileNotFoundError(f"no weights at {model}: the archive needs models/model.pt (train first, or pass --model)")
     files = bundle_files(root, model)
-    generated = {}
-    for config in JSON_CONFIGS:
-        target = f"configs/{config}.json"
-        source = root / "configs" / f"{config}.yaml"
-        if target not in files and source.is_file():
-            generated[target] = json_config(source)
+    settings = export.model_settings(root, model)
+    generated = {  # written over any file of the same name
+        "configs/inference.json": json.dumps(export.consumer_config(settings, root), indent=2) + "\n",
+        "configs/metadata.json": json.dumps(export.consumer_metadata(settings, root), indent=4) + "\n",
+    }
+    if (root / "configs" / f"{TRAIN_JSON}.yaml").is_file():
+        generated[f"configs/{TRAIN_JSON}.json"] = json_config(root / "configs" / f"{TRAIN_JSON}.yaml")
     out_dir = Path(out_dir) if out_dir else root / "dist"
     target = out_dir / archive_name(meta, name)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")  # renamed when complete: never a half archive
     try:
-        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            for relative in sorted({*files, *generated}):
-                arcname = f"{name}/{relative}"
-                if relative in generated:
-                    archive.writestr(arcname, generated[relative])
-                else:
-                    archive.write(files[relative], arcname)
+        with tempfile.TemporaryDirectory() as tmp:
+            # model.ts from the shipped weights, so the archive never pairs weights with an older export
+            files["models/model.ts"] = export.export_torchscript(root, model, Path(tmp) / "model.ts")
+            with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                for relative in sorted({*files, *generated}):
+                    arcname = f"{name}/{relative}"
+                    if relative in generated:
+                        archive.writestr(arcname, generated[relative])
+                    else:
+                        archive.write(files[relative], arcname)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)

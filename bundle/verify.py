@@ -24,15 +24,21 @@ def _paths(root, names) -> list[str]:
     return [str(Path(root) / n) for n in names]
 
 
+LABEL_FORMATS = ("segmentation", "labels")  # one channel whose values the channel_def names
+
+
 def consistency_problems(meta: dict) -> list[str]:
-    """Rules beyond the schema: the changelog names the version, channel_def matches num_channels."""
+    """Rules beyond the schema: the changelog names the version, channel_def matches num_channels
+    (one entry per channel; a one-channel label of format "segmentation" names its values instead,
+    as MONAI Label reads it: {"0": "background", "1": ...})."""
     problems = []
     if meta.get("version") not in meta.get("changelog", {}):
         problems.append(f"changelog has no entry for version {meta.get('version')!r}")
     for side in ("inputs", "outputs"):
         for key, spec in meta.get("network_data_format", {}).get(side, {}).items():
             channels = spec.get("channel_def", {})
-            if len(channels) != spec.get("num_channels"):
+            label_values = spec.get("format") in LABEL_FORMATS and spec.get("num_channels") == 1 and len(channels) >= 2
+            if len(channels) != spec.get("num_channels") and not label_values:
                 problems.append(f"{side}#{key}: {len(channels)} channel_def entries for num_channels {spec.get('num_channels')}")
             if sorted(int(k) for k in channels) != list(range(len(channels))):
                 problems.append(f"{side}#{key}: channel_def keys must be 0..{len(channels) - 1}")

@@ -4,14 +4,19 @@ The pipeline of `configs/inference.yaml` (MONAI pieces in brackets):
 
     find_inputs        subject records: a folder in any supported layout
                        (scripts.datasets.discover_subjects) or files named on the command line
-    preprocessing      LoadSubjectd -> [Orientationd] RAS -> [NormalizeIntensityd] nonzero,
+    loading            LoadSubjectd: the present modalities' files -> "image" (every incoming key kept)
+    preprocessing      [Orientationd] RAS -> [Spacingd] -> [NormalizeIntensityd] nonzero,
                        channel-wise -> [ResizeWithPadOrCropd] in-plane: training's preprocessing
     CAMMapEvaluator    an [Evaluator]; one iteration = one subject: the networks of the present
                        modalities over the axial slices ([SliceInferer]; CAM or GradCAM++,
                        gating and TTA from scripts.maps), empty maps on slices without brain,
                        fusion and threshold
-    postprocessing     [Invertd] back to the input's grid, SaveSubjectMapsd ([NibabelWriter],
-                       written atomically with the input's affine)
+    postprocessing     [Invertd] back to the input's grid
+    saving             SaveSubjectMapsd ([NibabelWriter], written atomically with the input's affine)
+
+Consumers of the bundle (MONAI Deploy, MONAI Label, `monai.bundle.load`) run
+configs/inference_deploy.yaml instead: MONAI transforms around the scripted
+`scripts.whole_tumour.WholeTumourCAM`, the same fused map and mask without this module.
     SubjectProgress    one line per subject with the seconds it took
 
 `CAMMapEvaluator` and `SubjectProgress` are shared with the evaluation workflow
@@ -141,7 +146,8 @@ def _load_modalities(record: dict, wanted: Sequence[str]) -> tuple[dict, dict]:
 class LoadSubjectd(Transform):
     """Subject record -> {"image": (K, X, Y, Z) MetaTensor of the present modalities, ...}.
 
-    Only the networks' modalities are loaded; the others are listed under "missing". The
+    Every key of the incoming record is kept. Only the networks' modalities are loaded; the
+    others are listed under "missing". The
     input grid is kept under "input_shape" / "input_affine" so the outputs can be written
     on exactly that grid. MONAI's LoadImaged loads a fixed set of keys and fails on a
     missing one, and the error must name the subject; hence this small transform around
@@ -167,8 +173,8 @@ class LoadSubjectd(Transform):
         return {"subject": str(record.get("subject") or subject_from_files([str(image)])), "image4d": str(image),
                 "channels": list(record.get("channels") or self.modalities), "seg": record.get("seg")}
 
-    def __call__(self, record: dict) -> dict:
-        record = self.as_record(record)
+    def __call__(self, incoming: dict) -> dict:
+        record = self.as_record(incoming)
         subject = str(record["subject"])
         volumes, files = _load_modalities(record, self.modalities)
         if not volumes:
@@ -181,6 +187,7 @@ class LoadSubjectd(Transform):
         first = volumes[present[0]]
         image = torch.cat([volumes[m] for m in present], dim=0)  # MetaTensor: keeps the first's meta
         return {
+            **incoming,  # a caller's keys (e.g. MONAI Label's request options) travel on
             self.image_key: image,
             "subject": subject,
             "modalities": present,
