@@ -59,14 +59,18 @@ def _strings(node):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    """Seeded weights (base 4) with the phantom geometry recorded; the tumour read-out is scaled
-    so that slice decisions are clear-cut and the gate keeps some slices and drops others."""
+    """Seeded weights (base 4) with the phantom geometry recorded. Each network's tumour map is
+    the difference of two of its feature maps, healthy logit 0: on the phantom the mask covers
+    about a fifth of the brain, one network keeps every slice, one about two thirds (the gate
+    decides per slice), two none."""
     torch.manual_seed(3)
     net = MultiModalCAM(list(MODALITIES), base_channels=4, spacing=SPACING, spatial_size=SPATIAL_SIZE,
                         normalization="volume", slice_normalization="none")
     with torch.no_grad():
-        for k, modality_net in enumerate(net.nets):
-            modality_net.classifier.weight[1] *= 1.0 + k  # modalities differ in their tumour read-out
+        for modality_net, (plus, minus) in zip(net.nets, [(1, 2), (0, 1), (1, 2), (3, 0)]):
+            weight = modality_net.classifier.weight  # (2, 4, 1, 1): healthy, tumour
+            weight.zero_()
+            weight[1, plus], weight[1, minus] = 1.0, -1.0
     path = tmp_path_factory.mktemp("weights") / "model.pt"
     torch.save(net.state_dict(), path)
     return path

@@ -67,7 +67,9 @@ class SaveMask(Operator):
     def compute(self, op_input, op_output, context):
         image = op_input.receive("pred")
         np.save(self.out_file, np.swapaxes(image.asnumpy(), 0, 2))
-        affine = image.metadata().get("affine")
+        # The operator passes the preprocessed input's metadata on: "affine" is the model grid's,
+        # "original_affine" the input file's, on which the mask lies (Invertd).
+        affine = image.metadata().get("original_affine")
         np.save(self.out_file + ".affine.npy", np.asarray(affine, dtype=np.float64))
 
 
