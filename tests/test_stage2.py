@@ -58,10 +58,11 @@ def test_tiny_stage2_run_trains_saves_the_best_model_and_reports(trained):
     assert net.settings.modalities == ["t1", "t1c", "t2", "flair"] and net.settings.spatial_size == [40, 40]
     assert net.settings.spacing == [6.0, 6.0, 6.0]
     report = (root / "stage2" / "stage2_report.md").read_text()
-    for row in ("| pseudo_raw |", "| pseudo_refined |", "| stage1 |", "| stage2 |"):
+    for row in ("| pseudo_raw |", "| pseudo_refined |", "| largest_component_volume |", "| confidence_filter |",
+                "| stage1 |", "| stage2 |"):
         assert row in report
     rows = (root / "stage2" / "stage2_per_subject.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 2 + 2 * 2  # header, 2 training x 2 pseudo rows, 2 test x stage 1 / 2
+    assert len(rows) == 1 + 2 * 2 + 2 * 3 + 2 * 2  # header; 2 training x (2 pseudo + 3 switch) rows; 2 test x 2
     pseudo = list((Path(trained["cache_dir"]) / "stage2_pseudo").glob("*.fused.npy"))
     assert len(pseudo) == 4  # training + validation subjects; never the test split
     test_subjects = {r["subject"] for r in load_datalist(Path(trained["dataset_dir"]) / "datalist.json", "testing")}
