@@ -4,7 +4,7 @@
     python -m bundle verify --only metadata       # any of: metadata, net, properties
     python -m bundle verify --train-config configs/train.yaml configs/presets/phantom_quick.yaml \
         --set dataset_dir=/data/brats                    # KEY=VALUE overrides (YAML values)
-    python -m bundle export [--ckpt models/model.pt] [--out models/model.ts] [--set base_channels=16]
+    python -m bundle export [--ckpt models/model.pt] [--out models/model.ts] [--set gate=false]
     python -m bundle package [--model models/model.pt] [--out-dir dist]
 """
 
@@ -59,7 +59,8 @@ def _export(args) -> int:
 
     ts_file = export.export_torchscript(args.root, args.ckpt, args.out, args.infer_config, **_overrides(args.set))
     difference = export.check_export(args.root, args.ckpt, ts_file, args.infer_config, **_overrides(args.set))
-    print(f"wrote {ts_file}; torch.jit.load reproduces the eager network (max |difference| {difference:.2e})")
+    print(f"wrote {ts_file} (inference.json and metadata.json embedded); torch.jit.load reproduces the eager network "
+          f"(max |difference| {difference:.2e})")
     return 0
 
 
@@ -86,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides for the checks")
     verify.set_defaults(run=_verify)
 
-    export = verbs.add_parser("export", help="models/model.pt -> models/model.ts (TorchScript), then check it")
+    export = verbs.add_parser("export", help="models/model.pt -> self-contained models/model.ts (TorchScript, consumer config embedded), then check it")
     export.add_argument("--ckpt", type=Path, help="weights (default models/model.pt)")
     export.add_argument("--out", type=Path, help="TorchScript file (default models/model.ts)")
     export.add_argument("--infer-config", nargs="+", default=[INFER_CONFIG], help="config holding network_def")
