@@ -234,6 +234,17 @@ def test_consumer_pipeline_gives_the_bundles_own_mask(bundle_dir, weights, tmp_p
     assert_same_mask(np.asarray(data["pred"][0]), np.asarray(data["pred"].affine), own, "consumer pipeline")
 
 
+def test_the_bundles_own_file_step_keeps_every_incoming_key(tmp_path):
+    """LoadSubjectd (configs/inference.yaml's `loading`) on a MONAI-Label-style request record."""
+    from scripts.inference import LoadSubjectd
+
+    image = four_channel_image(write_subject(tmp_path / "in", "case", shape=(12, 10, 6)), tmp_path / "case_4d.nii.gz")
+    request = {"image": str(image), "model": BUNDLE_NAME, "model_filename": ["model.pt"], "device": "cpu"}
+    loaded = LoadSubjectd()(request)
+    assert {k: loaded[k] for k in ("model", "model_filename", "device")} == {k: request[k] for k in ("model", "model_filename", "device")}
+    assert loaded["image"].shape == (4, 12, 10, 6) and loaded["subject"] == "case_4d"
+
+
 # --------------------------------------------------------------------------- the applications
 
 
