@@ -241,7 +241,8 @@ def test_the_bundles_own_file_step_keeps_every_incoming_key(tmp_path):
     image = four_channel_image(write_subject(tmp_path / "in", "case", shape=(12, 10, 6)), tmp_path / "case_4d.nii.gz")
     request = {"image": str(image), "model": BUNDLE_NAME, "model_filename": ["model.pt"], "device": "cpu"}
     loaded = LoadSubjectd()(request)
-    assert {k: loaded[k] for k in ("model", "model_filename", "device")} == {k: request[k] for k in ("model", "model_filename", "device")}
+    kept = ("model", "model_filename", "device")
+    assert {k: loaded[k] for k in kept} == {k: request[k] for k in kept}
     assert loaded["image"].shape == (4, 12, 10, 6) and loaded["subject"] == "case_4d"
 
 
