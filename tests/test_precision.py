@@ -19,7 +19,10 @@ from scripts.trainer import CMERTrainer, ModalityOptimizers, TransformSampler, b
 torch.set_num_threads(1)
 SIZE, BATCH, BASE = 32, 8, 8
 LOSS_RTOL = 0.02  # relative, per logged term (bf16 has 8 significant bits; measured <= 0.009)
-GRAD_COSINE = 0.99  # per network (measured 0.997-0.9997)
+# Per network. Measured 0.997-0.9997 on a CPU with native bf16 (AVX512-BF16 / AMX), where
+# `precision: auto` uses it; 0.986 on an AVX2-only CPU (AMD EPYC), where oneDNN emulates the
+# bf16 channels-last convolutions (auto picks fp32 there; bf16 is only used when forced).
+GRAD_COSINE = 0.99 if P.cpu_supports_bf16() else 0.98
 MAP_ATOL = 0.1  # max-normalised maps in [0, 1], worst pixel (measured 0.03-0.05)
 MAP_MEAN_ATOL = 0.005  # mean over pixels (measured 1e-4 - 6e-4)
 
