@@ -22,14 +22,14 @@ INT16_MAX = 32767
 # Texture: log-standard deviation of T1, T2, PD per tissue (and of the contrast agent's
 # concentration for enhancing tissue). Normal tissue varies a little (regional myelin and
 # iron), tumour compartments a lot (cellularity, microcysts, haemorrhage, necrosis).
-NORMAL_TEXTURE = {"t1": 0.18, "t2": 0.26, "pd": 0.03}
+NORMAL_TEXTURE = {"t1": 0.06, "t2": 0.08, "pd": 0.02}
 NORMAL_TEXTURE_MM = (2.0, 10.0)
 TUMOUR_TEXTURE = {
-    "tumour": {"t1": 0.22, "t2": 0.50, "pd": 0.07},
+    "tumour": {"t1": 0.22, "t2": 0.75, "pd": 0.07},
     "necrosis": {"t1": 0.20, "t2": 0.65, "pd": 0.06},
     "enhancing": {"t1": 0.35, "t2": 0.20, "pd": 0.06, "gd": 0.6},
     "cyst": {"t1": 0.08, "t2": 0.15, "pd": 0.02},
-    "oedema": {"t1": 0.42, "t2": 0.35, "pd": 0.06},
+    "oedema": {"t1": 0.42, "t2": 0.45, "pd": 0.06},
 }
 TUMOUR_TEXTURE_MM = (1.5, 4.0, 10.0)  # several scales, equal weights
 TUMOUR_TEXTURE_WEIGHTS = (1.0, 1.0, 1.0)
