@@ -308,8 +308,11 @@ def _take_over(path: Path, stale_text: str) -> None:
     try:
         fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        if time.time() - guard.stat().st_mtime > 30:  # a taker-over that died
-            guard.unlink(missing_ok=True)
+        try:
+            if time.time() - guard.stat().st_mtime > 30:  # a taker-over that died
+                guard.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass  # the other taker-over has just finished
         return
     try:
         if _read_lock(path)[0] == stale_text:  # still the same stale lock
@@ -351,7 +354,9 @@ def lock_directory(directory, flag: str = "--output_dir", purpose: str = "run", 
             if _is_stale(info, held_text, path):
                 _take_over(path, held_text)
                 continue
-            who = f"PID {info.get('pid', '?')}" + (f" on {info['host']}" if info.get("host") != socket.gethostname() else "")
+            # An empty lock is one a racer has just created and not yet written: it is held.
+            host = info.get("host")
+            who = f"PID {info.get('pid', '?')}" + (f" on {host}" if host and host != socket.gethostname() else "")
             raise LockError(f"{flag} {folder} is in use by another {info.get('purpose', 'run')} ({who}, started "
                             f"{info.get('started', '?')}; lock file {path}). Fix: wait for it to finish, or pass "
                             f"another {flag}.") from None

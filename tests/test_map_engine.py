@@ -25,7 +25,6 @@ from monai.data.utils import no_collation
 
 from scripts.datasets import VolumeCache, VolumeDataset, discover_subjects
 from scripts.inference import CAMMapEvaluator
-from scripts.map_engine import MapEngine
 from scripts.networks import MultiModalCAM, SettingsMismatch, model_settings
 from scripts.preprocessing import in_plane_size, volume_preprocessing
 from tests.stand_ins import CopyNet

@@ -17,7 +17,6 @@ import textwrap
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from scripts import runtime
 from scripts.runtime import LOCK_NAME, LockError, lock_directory, project_error, release_locks
 from tests.safety_data import INFERENCE, META, REPO, TINY_TRAIN, TRAIN, write_dataset
 
