@@ -42,7 +42,7 @@ VENTRICLE_CSF = 0.6
 VENTRICULAR_RIM_MM = 6.0
 # Skull stripping (BraTS) keeps the subarachnoid CSF around the brain: a shell of CSF
 # outside the template's brain mask, per subject.
-EXTRA_AXIAL_CSF_MM = (1.0, 3.5)
+EXTRA_AXIAL_CSF_MM = (1.5, 4.0)
 
 
 # Grid geometry
