@@ -59,7 +59,7 @@ def test_metadata_versions_are_the_installed_ones():
 
 
 def test_metadata_describes_the_network_of_the_configs():
-    from scripts.networks import DEFAULT_SETTINGS
+    from scripts.model.networks import DEFAULT_SETTINGS
 
     # inference.yaml reads the network from the checkpoint (null here); its architecture defaults
     # for tools without a checkpoint are training's
@@ -165,7 +165,7 @@ def test_archive_downloads_and_loads_with_monai(weights, tmp_path):
     assert all(n.startswith(f"{BUNDLE_NAME}/") for n in names)
     for required in ("configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/train.yaml",
                      "configs/inference.yaml", "configs/inference_deploy.yaml", "configs/logging.conf",
-                     "models/model.pt", "models/model.ts", "scripts/networks.py", "docs/README.md"):
+                     "models/model.pt", "models/model.ts", "scripts/model/networks.py", "docs/README.md"):
         assert f"{BUNDLE_NAME}/{required}" in names, required
     assert (f"{BUNDLE_NAME}/LICENSE" in names) == (ROOT / "LICENSE").is_file()
     assert not any(n.split("/")[1] in ("tests", "bundle", "data", "runs") or "__pycache__" in n for n in names)

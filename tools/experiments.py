@@ -1,7 +1,7 @@
 """The paper's experiments in one command: train every method, evaluate, write the tables.
 
-    python -m scripts.experiments --out results/phantom            # the full set
-    python -m scripts.experiments --out results/quick --quick      # a few minutes (CI)
+    python -m tools.experiments --out results/phantom            # the full set
+    python -m tools.experiments --out results/quick --quick      # a few minutes (CI)
 
 Each run is the bundle's own training and evaluation (configs/train.yaml + a method
 preset + configs/evaluate.yaml through MONAI's ConfigWorkflow), so the numbers are the
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .common import MODALITIES, atomic_torch_save, atomic_write_json, atomic_write_text
+from scripts.common import MODALITIES, atomic_torch_save, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def table_v(results: dict) -> str:
 
 def sweep_figures(results: dict, out_dir: Path) -> list[Path]:
     """Fig. 4: per map name, DSC versus threshold for every method that has that map."""
-    from .figures import plot_threshold_sweep
+    from scripts.workflows.figures import plot_threshold_sweep
 
     written = []
     for name in ("t1", "t2", "t1c", "flair", "fused"):
@@ -212,10 +212,11 @@ def overlay_figure(models: dict, common: dict, plan: Plan, out_png: Path):
     """Fig. 5: binarised maps of every K = 4 method on one test subject's largest tumour slice."""
     from monai.bundle import ConfigParser
 
-    from .datasets import VolumeCache, load_datalist
-    from .figures import plot_overlays
-    from .map_engine import volume_maps
-    from .networks import MultiModalCAM
+    from scripts.data.volumes import VolumeCache
+    from scripts.data.subjects import load_datalist
+    from scripts.workflows.figures import plot_overlays
+    from scripts.workflows.map_engine import volume_maps
+    from scripts.model.networks import MultiModalCAM
 
     parser = ConfigParser()
     parser.read_config(_config_files("configs/train.yaml", *plan.presets))
@@ -346,7 +347,7 @@ def main(argv=None) -> int:
         except json.JSONDecodeError:
             plan.overrides[key] = value
     start = time.time()
-    command = "python -m scripts.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m tools.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
     # tables after every run, so an interrupted experiment still leaves what it measured
     partial = lambda outcome: write_report(outcome, plan, out_dir, common, command, figures=False)  # noqa: E731
     outcome = run_plan(plan, out_dir, common, only=set(args.runs or []), after_each=partial)

@@ -1,6 +1,6 @@
 """The one volume preprocessing: a MONAI Compose of MONAI transforms, defined once.
 
-Every route to a map runs it: the training cache (`scripts.datasets.VolumeCache`, hence
+Every route to a map runs it: the training cache (`scripts.data.volumes.VolumeCache`, hence
 training, validation and evaluation) and inference (`configs/inference.yaml`, after
 `LoadSubjectd`). It starts from channel-first volumes already in memory (MetaTensors with
 their affine), so any loader can feed it:

@@ -15,7 +15,7 @@ def slice_sampler(dataset, balanced: bool, seed: int = 0):
 
     Args:
         dataset: a dataset with a `labels` tensor (0 healthy / 1 tumour per slice), e.g.
-            `scripts.datasets.SliceDataset`.
+            `scripts.data.slices.SliceDataset`.
         balanced: False = None (the DataLoader shuffles); True = class-balanced sampler.
         seed: seed of the sampler's generator (draws are reproducible).
     """

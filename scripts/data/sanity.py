@@ -55,7 +55,7 @@ def volume_warnings(volumes: Mapping[str, torch.Tensor], files: Mapping[str, str
         files: {modality: path}, for the messages.
         subject: the subject id, for the messages.
         seg: the label map, when there is one.
-        log: also log each warning (logger `scripts.sanity`).
+        log: also log each warning (logger `scripts.data.sanity`).
     """
     messages = []
     foreground = None

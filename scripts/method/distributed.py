@@ -17,7 +17,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .trainer import TwoViewForward
+from scripts.method.trainer import TwoViewForward
 
 
 def is_initialized() -> bool:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
-from .common import TUMOUR_CHANNEL
-from .maps import max_normalise
+from scripts.common import TUMOUR_CHANNEL
+from scripts.model.cams import max_normalise
 
 REDUCTIONS = ("mean", "per_sample_sum")
 SCHEDULES = ("paper", "sigmoid", "polynomial", "constant")

@@ -1,4 +1,5 @@
-"""Learning-rate schedule of the K modality optimisers (warm-up, then constant or cosine).
+"""Schedules over the run: the learning rate of the K modality optimisers (warm-up, then
+constant or cosine) and the method's lambda_E(t) weight of the equivariance terms.
 
 The paper trains at a constant learning rate; a CPU-sized run makes ~100x fewer steps, and
 a short linear warm-up followed by a cosine decay makes its last epochs stable (measured
@@ -12,6 +13,8 @@ from __future__ import annotations
 import math
 
 from ignite.engine import Engine, Events
+
+from scripts.method.losses import lambda_e
 
 DECAYS = ("constant", "cosine")
 
@@ -37,7 +40,7 @@ class ModalityLRSchedule:
     """Sets the learning rate of every modality optimiser before each iteration.
 
     Args:
-        optimizers: a `scripts.trainer.ModalityOptimizers` (its `.optimizers` list is driven).
+        optimizers: a `scripts.method.trainer.ModalityOptimizers` (its `.optimizers` list is driven).
         lr: base learning rate (the config's `lr`).
         warmup_epochs: length of the linear warm-up, in epochs (0 = none).
         decay: "constant" (the paper) or "cosine" (down to `min_lr_ratio * lr` at the last iteration).
@@ -74,3 +77,25 @@ class ModalityLRSchedule:
             for group in optimizer.param_groups:
                 group["lr"] = lr
         engine.state.metrics["lr"] = lr
+
+
+class LambdaEScheduler:
+    """Set `engine.lambda_e` from the configured schedule at every epoch start (1-based t).
+
+    Args:
+        schedule: paper | sigmoid | polynomial | constant (scripts.method.losses.lambda_e).
+        rampup_epochs: T, the epoch the ramp reaches its value.
+        gamma: exponent of the polynomial ramp.
+        value: the weight after the ramp.
+    """
+
+    def __init__(self, schedule: str = "paper", rampup_epochs: float = 15.0, gamma: float = 2.0, value: float = 1.0):
+        lambda_e(1, schedule, rampup_epochs, gamma, value)  # validate the arguments now, not mid-run
+        self.schedule, self.rampup_epochs, self.gamma, self.value = schedule, rampup_epochs, gamma, value
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        engine.lambda_e = lambda_e(engine.state.epoch, self.schedule, self.rampup_epochs, self.gamma, self.value)
+        engine.logger.info(f"epoch {engine.state.epoch}: lambda_E = {engine.lambda_e:.4g}")

@@ -1,16 +1,16 @@
 """Test-time tumour maps from the per-modality CAM networks.
 
-A network here is anything with the `scripts.networks` contract: `forward(x (B,1,H,W)) ->
+A network here is anything with the `scripts.model.networks` contract: `forward(x (B,1,H,W)) ->
 maps (B,2,H,W)`, `features(x) -> (B,F,h,w)`, `classifier` (bias-free 1x1 conv) with
 `forward(x) == classifier(features(x))`; channel `TUMOUR_CHANNEL` is the tumour and the
-slice logits are the global average pool of the maps. `scripts.networks` is deliberately
+slice logits are the global average pool of the maps. `scripts.model.networks` is deliberately
 not imported, so any module with that contract works (and tests use tiny stand-ins).
 
 The one implementation of the method's per-slice primitives: the max-normaliser, the slice
 tumour probability (softmax of the GAP logits), gating, fusion and binarisation, plus CAM /
 GradCAM++ / softmax maps of a batch of slices and fixed-view test-time augmentation.
-`scripts.networks` (the network's gated forward), `scripts.losses` (the CAMs of the loss
-terms) and `scripts.map_engine` (volumes: validation, evaluation and inference) call these.
+`scripts.model.networks` (the network's gated forward), `scripts.method.losses` (the CAMs of the loss
+terms) and `scripts.workflows.map_engine` (volumes: validation, evaluation and inference) call these.
 Masks come from `binarise` (strictly greater than the threshold, so a zero map is empty at
 any threshold); gating has its own threshold (`gate_threshold`).
 """

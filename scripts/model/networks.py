@@ -22,7 +22,7 @@ from monai.networks.nets.resnet import ResNet
 
 from scripts.common import TUMOUR_CHANNEL
 # The one normaliser / slice probability / gate (re-exported here for the network's users).
-from scripts.maps import gate_maps, logits_from_maps, max_normalise, tumour_probability  # noqa: F401
+from scripts.model.cams import gate_maps, max_normalise, tumour_probability
 from scripts.runtime import BundleError
 
 BACKBONES = ("unet", "deeplab")

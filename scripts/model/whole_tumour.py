@@ -14,7 +14,7 @@ consumer config (configs/inference_deploy.yaml). MONAI has no transform for gati
 a slice classification or fusing maps of several networks, and a TorchScript file cannot
 carry this package, so these steps live in the scripted module itself.
 
-The bundle's own inference (scripts.inference.CAMMapEvaluator) uses the per-modality `nets`
+The bundle's own inference (scripts.workflows.inference.CAMMapEvaluator) uses the per-modality `nets`
 through the map engine and writes the per-modality CAMs too; its fused map and mask equal
 this module's on the same slices (tests/test_consumers.py).
 """
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from scripts.maps import FUSIONS
-from scripts.networks import MultiModalCAM
+from scripts.model.cams import FUSIONS
+from scripts.model.networks import MultiModalCAM
 
 
 class WholeTumourCAM(MultiModalCAM):

@@ -2,7 +2,7 @@
 
 `stage2_probability` is the one route from a preprocessed volume to the stage-2 tumour
 probability (MONAI SliceInferer over whole axial slices, softmax): the report
-(scripts.stage2_report) and inference both call it.
+(scripts.stage2.report) and inference both call it.
 
 Inference (`configs/stage2_inference.yaml`, merged over configs/inference.yaml) reuses the
 CAM inference's inputs, preprocessing and inverse: `Stage2Evaluator` is a MONAI Evaluator whose
@@ -12,7 +12,7 @@ iteration turns each preprocessed subject into the stage-2 probability and mask,
     <output_dir>/<subject>/<subject>_stage2_mask.nii.gz   uint8, probability > stage2_threshold
     <output_dir>/<subject>/<subject>_stage2_prob.nii.gz   float32 tumour probability
 
-beside the CAM outputs, on the input's exact grid (scripts.inference.write_nifti, atomic).
+beside the CAM outputs, on the input's exact grid (scripts.workflows.inference.write_nifti, atomic).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from monai.transforms import Transform
 from monai.utils import convert_to_tensor
 
 from scripts.common import canonical_modalities
-from scripts.datasets import DataError
-from scripts.output_files import OutputManifest, file_name
+from scripts.data.subjects import DataError
+from scripts.workflows.output_files import OutputManifest, file_name
 from scripts.precision import autocast, resolve_precision
 
 MANIFEST_PREFIX = "stage2:"  # the stage-2 files' own manifest entry: a CAM rerun never deletes them
@@ -60,7 +60,7 @@ class Stage2Evaluator(Evaluator):
     Args:
         device: where the network runs.
         val_data_loader: subjects (inference.yaml's dataloader).
-        network: the Stage2Net (scripts.stage2_model).
+        network: the Stage2Net (scripts.stage2.model).
         threshold: mask = probability > threshold.
         slice_batch_size: slices per forward.
         precision: auto | bf16 | fp16 | fp32 autocast (scripts.precision); None = fp32.
@@ -120,7 +120,7 @@ class SaveStage2Maskd(Transform):
         self.manifest = OutputManifest(self.output_dir)
 
     def __call__(self, data: dict) -> dict:
-        from scripts.inference import write_nifti  # the inference writing path (atomic, input affine)
+        from scripts.workflows.inference import write_nifti  # the inference writing path (atomic, input affine)
 
         subject = file_name(data["subject"])
         shape, affine = tuple(data["input_shape"]), np.asarray(data["input_affine"])

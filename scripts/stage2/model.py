@@ -3,11 +3,11 @@
 The network is MONAI's own (`monai.networks.nets.UNet` or `SegResNet`, 2D, all modalities as
 input channels, two output classes). `Stage2Net` only wraps it so that the model carries its
 settings (modalities, geometry of the training volumes) in its state dict, as the CAM model
-does (`scripts.networks.MultiModalCAM`): inference reads them back, so the stage-2 mask is
+does (`scripts.model.networks.MultiModalCAM`): inference reads them back, so the stage-2 mask is
 made with the preprocessing it was trained with.
 
 `IgnoreDiceCELoss` is MONAI's DiceCELoss with an ignore label: pixels the confidence filter
-left undecided (`scripts.stage2_pseudo`) count in neither the Dice nor the cross-entropy term.
+left undecided (`scripts.stage2.pseudo_labels`) count in neither the Dice nor the cross-entropy term.
 MONAI 1.6.1's DiceCELoss does not expose `ignore_index`, although both of its parts
 (`DiceLoss`, `torch.nn.CrossEntropyLoss`) support it; the subclass only passes it on.
 """
@@ -35,8 +35,8 @@ DIVISOR = 8  # three 2x downsamplings in both networks
 class Stage2Settings:
     """What a stage-2 model needs to be rebuilt and fed (recorded in its state dict).
 
-    The names shared with `scripts.networks.ModelSettings` (modalities, base_channels, spacing,
-    spatial_size, normalization) mean the same, so `scripts.networks.model_settings` reads the
+    The names shared with `scripts.model.networks.ModelSettings` (modalities, base_channels, spacing,
+    spatial_size, normalization) mean the same, so `scripts.model.networks.model_settings` reads the
     geometry of a stage-2 checkpoint too.
 
     Args:

@@ -1,7 +1,7 @@
 """Stage 2 pseudo-masks: the trained CMER model's fused, gated maps of the training volumes.
 
-    cached preprocessed volume (scripts.datasets.VolumeCache, images only)
-      -> the one map engine (scripts.map_engine.MapEngine: gating, max fusion)  -> fused map
+    cached preprocessed volume (scripts.data.volumes.VolumeCache, images only)
+      -> the one map engine (scripts.workflows.map_engine.MapEngine: gating, max fusion)  -> fused map
       -> written once per subject as `<subject>-<key>.fused.npy` in the pseudo-mask cache
       -> labels (`refine_labels`, cheap, at every run): fused > threshold, then the named
          refinement switches: largest connected component (per volume or per slice),
@@ -10,7 +10,7 @@
 
 No ground truth is read: the cache key holds the image files (path, size, time), the CAM
 checkpoint's content hash, the engine and preprocessing settings, never the segmentation;
-the maps come from the images alone (tests/test_stage2_pseudo.py scrambles the segmentations
+the maps come from the images alone (tests/stage2/test_stage2.py scrambles the segmentations
 and gets identical pseudo-masks). Only the splits the workflow names are computed (training,
 and validation when validating against pseudo-masks), never the test split.
 """
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from scripts.common import MODALITIES, atomic_path, canonical_modalities
-from scripts.datasets import VolumeCache, _file_signature
-from scripts.map_engine import MapEngine
-from scripts.networks import MultiModalCAM, model_settings
+from scripts.data.volumes import VolumeCache, _file_signature
+from scripts.workflows.map_engine import MapEngine
+from scripts.model.networks import MultiModalCAM, model_settings
 from scripts.runtime import BundleError, MissingCheckpoint
 
 logger = logging.getLogger(__name__)

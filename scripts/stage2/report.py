@@ -1,10 +1,10 @@
 """Stage-2 report: pseudo-mask quality on the training split, stage 1 vs stage 2 on the test split.
 
-    python -m scripts.stage2_report [--key value ...]
+    python -m scripts.stage2.report [--key value ...]
       = python -m monai.bundle run reporting --config_file "['configs/train.yaml','configs/stage2.yaml']" ...
       e.g. --ckpt_dir DIR --output_dir OUT --dataset_dir DATA --cache_dir CACHE
 
-Rows (per volume, 3D, scripts.evaluation's DSC / ASSD and empty-case rule):
+Rows (per volume, 3D, scripts.workflows.metrics's DSC / ASSD and empty-case rule):
 
 - training split, against the ground truth, for reporting only (the segmentations are read
   here and nowhere in the stage-2 training): `pseudo_raw` (fused CMER map > threshold) and
@@ -28,14 +28,14 @@ import numpy as np
 import torch
 
 from scripts.common import MODALITIES, atomic_write_text
-from scripts.datasets import load_datalist
-from scripts.evaluation import format_table, summarise_rows, volume_row
-from scripts.stage2_infer import stage2_probability
-from scripts.stage2_model import build_from_checkpoint
-from scripts.stage2_pseudo import IGNORE_LABEL, refine_labels
+from scripts.data.subjects import load_datalist
+from scripts.workflows.metrics import format_table, summarise_rows, volume_row
+from scripts.stage2.inference import stage2_probability
+from scripts.stage2.model import build_from_checkpoint
+from scripts.stage2.pseudo_labels import IGNORE_LABEL, refine_labels
 
 ROW_FIELDS = ("split", "subject", "map", "dsc", "assd", "tp", "fp", "fn", "empty_case", "ignored_fraction")
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("configs/train.yaml", "configs/stage2.yaml")
 SWITCHES = "training_switches"  # rows of each refinement switch alone
 SWITCH_NAMES = ("largest_component_volume", "largest_component_slice", "confidence_filter")
@@ -184,7 +184,7 @@ def _mm(value: float) -> str:
 
 
 def main(argv=None) -> int:
-    """`python -m scripts.stage2_report --key value ...`: the `reporting` run of the stage-2 config."""
+    """`python -m scripts.stage2.report --key value ...`: the `reporting` run of the stage-2 config."""
     from monai.bundle.scripts import run
 
     args = list(sys.argv[1:] if argv is None else argv)

@@ -1,4 +1,4 @@
-"""Ignite/MONAI handlers the method adds, reusable from configs.
+"""Checkpoint handlers: an atomic saver, a resume that also starts fresh, the run's settings.
 
 - `AtomicCheckpointSaver`: MONAI's CheckpointSaver writes with `atomic=False` and, with a
   fixed filename, deletes the old file before writing the new one; a kill in between
@@ -6,22 +6,19 @@
   writes a temporary file and renames it over the old one.
 - `ResumeFromCheckpoint`: MONAI's CheckpointLoader, skipped when no checkpoint exists yet,
   so the same config starts fresh or resumes.
-- `LambdaEScheduler`: sets lambda_E(t) on the trainer at the start of every epoch.
-- `ValidationReport`: prints the best validation table at the end of training.
+- `RunSettings`: the network settings a resumed run must share with the checkpoint.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from .common import MODALITIES, atomic_path, atomic_write_text
-from .losses import lambda_e
-from .runtime import BundleError
+from scripts.common import atomic_path
+from scripts.runtime import BundleError
 
 
 class CheckpointError(BundleError):
@@ -194,153 +191,3 @@ class ResumeFromCheckpoint(CheckpointLoader):
                                   f"{prior_max_epochs}. Fix: pass a larger --epochs to train on, or another --ckpt_dir.")
         engine.state.max_epochs = prior_max_epochs
         self.logger.info(f"resumed at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
-
-
-class LambdaEScheduler:
-    """Set `engine.lambda_e` from the configured schedule at every epoch start (1-based t).
-
-    Args:
-        schedule: paper | sigmoid | polynomial | constant (scripts.losses.lambda_e).
-        rampup_epochs: T, the epoch the ramp reaches its value.
-        gamma: exponent of the polynomial ramp.
-        value: the weight after the ramp.
-    """
-
-    def __init__(self, schedule: str = "paper", rampup_epochs: float = 15.0, gamma: float = 2.0, value: float = 1.0):
-        lambda_e(1, schedule, rampup_epochs, gamma, value)  # validate the arguments now, not mid-run
-        self.schedule, self.rampup_epochs, self.gamma, self.value = schedule, rampup_epochs, gamma, value
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        engine.lambda_e = lambda_e(engine.state.epoch, self.schedule, self.rampup_epochs, self.gamma, self.value)
-        engine.logger.info(f"epoch {engine.state.epoch}: lambda_E = {engine.lambda_e:.4g}")
-
-
-class ValidationReport:
-    """At the end of training, print and save the table of the best validation epoch.
-
-    Args:
-        validator: the validation engine whose metrics are watched.
-        output_path: where the table is written (None: printed only).
-        name: logger name.
-    """
-
-    def __init__(self, validator, output_path: str | None = None, name: str | None = None):
-        self.validator = validator
-        self.output_path = output_path
-        self.logger = logging.getLogger(name or __name__)
-        self.best: dict | None = None
-
-    def attach(self, engine: Engine) -> None:
-        self.validator.add_event_handler(Events.EPOCH_COMPLETED, self._remember_best)
-        engine.add_event_handler(Events.COMPLETED, self.report)
-
-    def _remember_best(self, validator: Engine) -> None:
-        # Compared here rather than read from validator.state so a resumed run (whose new
-        # validator starts with no best) keeps the best of the whole run.
-        key = validator.state.key_metric_name
-        score = float(validator.state.metrics[key])
-        if self.best is None or score > float(self.best[key]):
-            self.best = {"epoch": int(validator.state.epoch), **{k: float(v) for k, v in validator.state.metrics.items()}}
-
-    def state_dict(self) -> dict:
-        return {"best": self.best or {}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best = dict(state.get("best") or {}) or None
-
-    def report(self, engine: Engine) -> None:
-        if self.best is None:
-            self.logger.warning("no validation ran: no table to report")
-            return
-        table = format_validation_table(self.best)
-        print(table, flush=True)
-        if self.output_path:
-            atomic_write_text(self.output_path, table + "\n")
-
-
-def format_validation_table(metrics: dict) -> str:
-    """Markdown table: rows = maps (modalities, fused), columns = DSC and slice accuracy."""
-    found = {key.split("val_dsc_", 1)[1] for key in metrics if key.startswith("val_dsc_")}
-    names = [m for m in MODALITIES if m in found] + sorted(found - set(MODALITIES))
-    lines = [
-        f"Validation at the best epoch ({metrics.get('epoch', '?')}): per-volume DSC at threshold 0.5",
-        "",
-        "| map | DSC (%) | slice accuracy (%) |",
-        "|---|---|---|",
-    ]
-    for name in names:
-        dsc = 100 * float(metrics[f"val_dsc_{name}"])
-        acc = metrics.get(f"val_acc_{name}")
-        acc_text = f"{100 * float(acc):.1f}" if acc is not None else "-"
-        lines.append(f"| {name} | {dsc:.1f} | {acc_text} |")
-    return "\n".join(lines)
-
-
-class CAMImageWriter:
-    """At every validation, write CAM overlays to TensorBoard: per modality, the original
-    view and the transformed view of a few fixed tumour slices (the equivariance the
-    method trains for, visible epoch by epoch).
-
-    `dataset` is a SliceDataset (items with "image" (K, H, W), "label", "mask"); the
-    transform is drawn once, from its own seed, so every epoch shows the same views.
-
-    Args:
-        network: the MultiModalCAM being trained.
-        dataset: the SliceDataset the example slices come from.
-        log_dir: TensorBoard folder.
-        transform_kind: kind of the transform pi shown.
-        num_slices: tumour slices shown.
-        seed: seed of the drawn transform.
-        tag: TensorBoard tag prefix.
-    """
-
-    def __init__(self, network, dataset, log_dir: str, transform_kind: str = "rotation", num_slices: int = 4,
-                 seed: int = 0, tag: str = "cams"):
-        self.network, self.dataset, self.log_dir = network, dataset, log_dir
-        self.transform_kind, self.num_slices, self.seed, self.tag = transform_kind, num_slices, seed, tag
-        self.writer = None
-
-    def attach(self, validator: Engine) -> None:
-        validator.add_event_handler(Events.EPOCH_COMPLETED, self)
-
-    def _examples(self):
-        import torch
-
-        labels = getattr(self.dataset, "labels", None)
-        indices = [i for i in range(len(self.dataset)) if labels is None or int(labels[i]) == 1]
-        step = max(1, len(indices) // self.num_slices)
-        items = [self.dataset[i] for i in indices[::step][: self.num_slices]]
-        return torch.stack([torch.as_tensor(i["image"]) for i in items]), torch.stack([torch.as_tensor(i["mask"]) for i in items])
-
-    def __call__(self, validator: Engine) -> None:
-        import torch
-        from torch.utils.tensorboard import SummaryWriter
-
-        from .equivariance import draw_transform
-        from .figures import cam_overlay_grid
-        from .losses import tumour_cam
-
-        if len(self.dataset) == 0:
-            return
-        if self.writer is None:
-            self.writer = SummaryWriter(log_dir=self.log_dir)
-        images, masks = self._examples()
-        device = next(self.network.parameters()).device
-        transform = draw_transform(self.transform_kind, images.shape[0], images.shape[-2], images.shape[-1],
-                                   torch.Generator().manual_seed(self.seed))
-        images_t, masks_t = transform.apply(images), transform.apply(masks)
-        was_training = self.network.training
-        self.network.eval()
-        with torch.no_grad():
-            for k, (name, net) in enumerate(zip(self.network.modalities, self.network.nets)):
-                cam = tumour_cam(net(images[:, k:k + 1].to(device))).cpu()[:, 0]
-                cam_t = tumour_cam(net(images_t[:, k:k + 1].to(device))).cpu()[:, 0]
-                grid = cam_overlay_grid(list(images[:, k]) + list(images_t[:, k]), list(cam) + list(cam_t),
-                                        list(masks[:, 0] > 0.5) + list(masks_t[:, 0] > 0.5), ncols=images.shape[0])
-                self.writer.add_image(f"{self.tag}/{name} (top: x, bottom: pi(x))", grid, validator.state.epoch,
-                                      dataformats="HWC")
-        self.writer.flush()
-        self.network.train(was_training)

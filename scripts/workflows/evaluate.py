@@ -1,13 +1,13 @@
 """Evaluation of a trained model on a datalist split: tables, threshold sweep and overlays.
 
 `configs/evaluate.yaml` (merged over train.yaml) feeds the cached, preprocessed test
-volumes (scripts.datasets.VolumeDataset) to `scripts.inference.CAMMapEvaluator`, whose
+volumes (scripts.data.slices.VolumeDataset) to `scripts.workflows.inference.CAMMapEvaluator`, whose
 iteration gives every volume's maps (per modality and fused) with slices put back in
 order. `EvaluationReport`, an engine handler, scores each volume as it comes
-(scripts.evaluation: DSC, ASSD in mm, r_u / r_o, DSC-versus-threshold) so only small
+(scripts.workflows.metrics: DSC, ASSD in mm, r_u / r_o, DSC-versus-threshold) so only small
 per-volume numbers are kept, and at the end writes under `output_dir`:
 
-    per_subject.csv, summary.csv, summary.md, threshold_sweep.csv   (scripts.evaluation)
+    per_subject.csv, summary.csv, summary.md, threshold_sweep.csv   (scripts.workflows.metrics)
     threshold_sweep.png                 DSC versus threshold (the paper's Fig. 4)
     overlay_<subject>.png               masks over the images (the paper's Fig. 5)
     resolved_config.json                the settings of the run and its command line
@@ -28,8 +28,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.common import atomic_write_text
-from scripts.datasets import DataError, load_datalist
-from scripts.evaluation import (
+from scripts.data.subjects import DataError, load_datalist
+from scripts.workflows.metrics import (
     DEFAULT_SWEEP,
     EvaluationResult,
     evaluate_volumes,
@@ -38,8 +38,8 @@ from scripts.evaluation import (
     summarise_rows,
     write_results,
 )
-from scripts.figures import plot_overlays, plot_threshold_sweep
-from scripts.inference import safe_name
+from scripts.workflows.figures import plot_overlays, plot_threshold_sweep
+from scripts.workflows.inference import safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def overlay_slice(truth: np.ndarray, fused: np.ndarray) -> int:
 def assemble(rows: list[dict], curves: dict[str, list[np.ndarray]], threshold: float,
              thresholds: np.ndarray) -> EvaluationResult:
     """An EvaluationResult from per-volume rows and DSC curves (same numbers as evaluating
-    all volumes at once with scripts.evaluation.evaluate_volumes)."""
+    all volumes at once with scripts.workflows.metrics.evaluate_volumes)."""
     names = ordered_names(r["map"] for r in rows)
     summary = {n: summarise_rows([r for r in rows if r["map"] == n], threshold) for n in names}
     sweep = {}

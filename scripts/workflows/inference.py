@@ -3,24 +3,24 @@
 The pipeline of `configs/inference.yaml` (MONAI pieces in brackets):
 
     find_inputs        subject records: a folder in any supported layout
-                       (scripts.datasets.discover_subjects) or files named on the command line
+                       (scripts.data.subjects.discover_subjects) or files named on the command line
     loading            LoadSubjectd: the present modalities' files -> "image" (every incoming key kept)
     preprocessing      [Orientationd] RAS -> [Spacingd] -> [NormalizeIntensityd] nonzero,
                        channel-wise -> [ResizeWithPadOrCropd] in-plane: training's preprocessing
     CAMMapEvaluator    an [Evaluator]; one iteration = one subject: the networks of the present
                        modalities over the axial slices ([SliceInferer]; CAM or GradCAM++,
-                       gating and TTA from scripts.maps), empty maps on slices without brain,
+                       gating and TTA from scripts.model.cams), empty maps on slices without brain,
                        fusion and threshold
     postprocessing     [Invertd] back to the input's grid
     saving             SaveSubjectMapsd ([NibabelWriter], written atomically with the input's affine)
 
 Consumers of the bundle (MONAI Deploy, MONAI Label, `monai.bundle.load`) run
 configs/inference_deploy.yaml instead: MONAI transforms around the scripted
-`scripts.whole_tumour.WholeTumourCAM`, the same fused map and mask without this module.
+`scripts.model.whole_tumour.WholeTumourCAM`, the same fused map and mask without this module.
     SubjectProgress    one line per subject with the seconds it took
 
 `CAMMapEvaluator` and `SubjectProgress` are shared with the evaluation workflow
-(`scripts.evaluate`), which feeds cached test volumes instead of files.
+(`scripts.workflows.evaluate`), which feeds cached test volumes instead of files.
 """
 
 from __future__ import annotations
@@ -43,11 +43,12 @@ from monai.transforms import Transform
 from monai.utils import convert_to_tensor
 
 from scripts.common import MODALITIES, atomic_path, canonical_modalities, canonical_modality
-from scripts.datasets import DataError, check_same_grid, discover_subjects, load_volume
-from scripts.output_files import OutputManifest, check_distinct_names, file_name
+from scripts.data.subjects import DataError, discover_subjects
+from scripts.data.volumes import check_same_grid, load_volume
+from scripts.workflows.output_files import OutputManifest, check_distinct_names, file_name
 from scripts.runtime import BundleError, MissingCheckpoint
-from scripts.sanity import mask_warning, volume_warnings
-from scripts.map_engine import MapEngine, brain_slices  # noqa: F401 (brain_slices: part of this module's API)
+from scripts.data.sanity import mask_warning, volume_warnings
+from scripts.workflows.map_engine import MapEngine
 from scripts.precision import resolve_precision, to_memory_format
 
 FUSED = "fused"
@@ -211,7 +212,7 @@ class CAMMapEvaluator(Evaluator):
     that had an input then the fused map, "mask": (1, H, W, D) fused > threshold,
     "map_names", "modalities_used", "modalities_missing"}. `postprocessing` (e.g. Invertd +
     SaveSubjectMapsd) runs on every subject, MONAI's way. The maps come from the map engine
-    (`scripts.map_engine.MapEngine`), the same as validation's.
+    (`scripts.workflows.map_engine.MapEngine`), the same as validation's.
 
     Args:
         device: where the networks run.
@@ -284,7 +285,7 @@ class CAMMapEvaluator(Evaluator):
 
 
 def safe_name(subject: str) -> str:
-    """A subject id as a folder / file name (scripts.output_files.file_name: reversible, no '..')."""
+    """A subject id as a folder / file name (scripts.workflows.output_files.file_name: reversible, no '..')."""
     return file_name(subject)
 
 
@@ -311,7 +312,7 @@ class SaveSubjectMapsd(Transform):
     Files: `<subject>_cam_<modality>.nii.gz` per network that ran, `<subject>_cam_fused.nii.gz`
     (float32) and `<subject>_mask.nii.gz` (uint8), each written atomically; the mask goes
     last, so its presence marks a complete subject. `<subject>` is the id as a file name
-    (scripts.output_files.file_name). Every file written is listed in the folder's manifest;
+    (scripts.workflows.output_files.file_name). Every file written is listed in the folder's manifest;
     maps an earlier run listed there for modalities that did not run now are removed, and no
     other file is ever deleted. The maps must already be on the input grid (Invertd before
     this); the input's own affine is written, so the geometry is exact.
@@ -396,7 +397,7 @@ def require_checkpoint(path) -> str:
     """The checkpoint path, or a FileNotFoundError that says how to get one."""
     if not Path(path).is_file():
         raise MissingCheckpoint(f"no checkpoint at {path}. Fix: train first ({TRAIN_HINT}) or pass --ckpt_path PATH "
-                                f"(a state dict of scripts.networks.MultiModalCAM).")
+                                f"(a state dict of scripts.model.networks.MultiModalCAM).")
     return str(path)
 
 

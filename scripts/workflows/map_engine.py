@@ -1,14 +1,14 @@
 """The map engine: K per-modality CAM networks over a volume -> maps, fused map and mask.
 
-One route for every workflow: `scripts.trainer.CAMValidator` (validation each epoch),
-`scripts.inference.CAMMapEvaluator` (evaluation of cached test volumes and inference on new
+One route for every workflow: `scripts.workflows.validation.CAMValidator` (validation each epoch),
+`scripts.workflows.inference.CAMMapEvaluator` (evaluation of cached test volumes and inference on new
 files) and the experiments all call `MapEngine`, so validation DSC, test DSC and the masks
 written by inference come from the same code with the same settings:
 
     slices (MONAI SliceInferer, whole axial slices, each once)
       -> per modality: optional per-slice z-score (the training's `slice_normalization`)
       -> CAM / GradCAM++ / softmax map, max-normalised, with the slice's tumour probability
-         (scripts.maps), optional fixed-view TTA
+         (scripts.model.cams), optional fixed-view TTA
       -> gating: zero the map of a slice whose probability is not above `gate_threshold`
       -> volumes (M, H, W, D), empty on slices without brain
       -> fusion over modalities (max or mean) -> mask = fused > `threshold`
@@ -27,8 +27,8 @@ import torch.nn as nn
 from monai.inferers import Inferer, SliceInferer
 
 from scripts.common import MODALITIES
-from scripts.datasets import slice_zscore
-from scripts.maps import FUSIONS, METHODS, TTA_CHOICES, _device_of, augmented_maps, binarise, fuse_maps, gate_maps
+from scripts.data.slices import slice_zscore
+from scripts.model.cams import FUSIONS, METHODS, TTA_CHOICES, _device_of, augmented_maps, binarise, fuse_maps, gate_maps
 from scripts.precision import autocast, resolve_precision
 
 SLICE_NORMALIZATIONS = ("none", "zscore")

@@ -42,7 +42,7 @@ import torch
 from monai.metrics import compute_average_surface_distance, compute_dice
 
 from scripts.common import MODALITIES, atomic_write_text
-from scripts.maps import binarise, fuse_maps
+from scripts.model.cams import binarise, fuse_maps
 
 FUSED = "fused"
 DEFAULT_SWEEP = np.round(np.arange(0.05, 0.96, 0.05), 2)

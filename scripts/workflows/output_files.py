@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 from urllib.parse import quote, unquote
 
 from scripts.common import atomic_write_json
-from scripts.datasets import DataError
+from scripts.data.subjects import DataError
 from scripts.runtime import BundleError, as_flag
 
 MANIFEST_NAME = ".manifest.json"

@@ -1,4 +1,4 @@
-"""Tests of the data layer (scripts/datasets.py) on tiny volumes written by the tests themselves.
+"""Tests of the data layer (scripts/data/: subjects, datalist, volumes, slices) on tiny volumes written by the tests themselves.
 
 Volumes are 16 x 16 x 8 (x, y, z): brain in a box on slices 1..6, a small tumour cube on
 slices 3..4, so slice labels, brain slices and orientation are known exactly.
@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from scripts import datasets
+from scripts.data import datalist as datalists, subjects, volumes
 from scripts.common import MODALITIES
-from scripts.datasets import DataError, SliceDataset, VolumeCache, VolumeDataset
+from scripts.data.subjects import DataError
+from scripts.data.slices import SliceDataset, VolumeDataset
+from scripts.data.volumes import VolumeCache
 
 SHAPE = (16, 16, 8)
 BRAIN_SLICES = [1, 2, 3, 4, 5, 6]
@@ -121,7 +123,7 @@ def brats(tmp_path):
 
 
 def test_discover_brats2019_grades_and_modalities(brats):
-    records = datasets.discover_subjects(brats)
+    records = subjects.discover_subjects(brats)
     assert [r["subject"] for r in records] == [f"Case_HGG_{i:03d}" for i in range(4)] + ["Case_LGG_004", "Case_LGG_005"]
     assert [r["grade"] for r in records] == ["HGG"] * 4 + ["LGG"] * 2
     first = records[0]
@@ -134,12 +136,12 @@ def test_discover_brats2019_grades_and_modalities(brats):
 def test_discover_brats2020_flat_and_2023(tmp_path):
     write_subject(tmp_path / "flat" / "BraTS20_Training_001")
     write_subject(tmp_path / "new" / "BraTS-GLI-00000-000", tokens=TOKENS_2023, sep="-")
-    (flat,) = datasets.discover_subjects(tmp_path / "flat")
-    (new,) = datasets.discover_subjects(tmp_path / "new")
+    (flat,) = subjects.discover_subjects(tmp_path / "flat")
+    (new,) = subjects.discover_subjects(tmp_path / "new")
     assert flat["grade"] is None and new["grade"] is None
     assert new["subject"] == "BraTS-GLI-00000-000" and new["layout"] == "brats2023"
     assert new["images"]["flair"].endswith("-t2f.nii.gz") and new["images"]["t1"].endswith("-t1n.nii.gz")
-    written = datasets.write_datalist(tmp_path / "new", tmp_path / "new.json", split=(1, 0, 0))
+    written = datalists.write_datalist(tmp_path / "new", tmp_path / "new.json", split=(1, 0, 0))
     assert written["enhancing_label"] == 3
     # Whole tumour = label > 0 whatever the enhancing label is (here 3).
     cached = VolumeCache(tmp_path / "cache").get(new)
@@ -148,7 +150,7 @@ def test_discover_brats2020_flat_and_2023(tmp_path):
 
 def test_discover_single_subject_folder_without_seg(tmp_path):
     folder = write_subject(tmp_path / "HGG" / "Solo", seg=False)
-    (record,) = datasets.discover_subjects(folder)
+    (record,) = subjects.discover_subjects(folder)
     assert record["subject"] == "Solo" and record["seg"] is None and record["grade"] == "HGG"
     cached = VolumeCache(tmp_path / "cache").get(record)
     assert not cached["has_mask"] and cached["mask"].sum() == 0
@@ -158,13 +160,13 @@ def test_discover_single_subject_folder_without_seg(tmp_path):
 
 def test_discover_msd_task01(tmp_path):
     root = write_msd(tmp_path / "Task01_BrainTumour", 3)
-    records = datasets.discover_subjects(root)
+    records = subjects.discover_subjects(root)
     assert [r["subject"] for r in records] == ["BRATS_000", "BRATS_001", "BRATS_002"]  # '._' file skipped
     assert records[0]["channels"] == ["flair", "t1", "t1c", "t2"] and records[0]["layout"] == "msd"
     cached = VolumeCache(tmp_path / "cache", normalization="none").get(records[0])
     np.testing.assert_allclose(cached["image"].numpy(), expected_image(0))  # channels back in MODALITIES order
     # MSD's own dataset.json is a decathlon datalist and is read too.
-    from_json = datasets.discover_subjects(root / "dataset.json")
+    from_json = subjects.discover_subjects(root / "dataset.json")
     assert [r["image4d"] for r in from_json] == [r["image4d"] for r in records]
     assert from_json[0]["channels"] == ["flair", "t1", "t1c", "t2"]
 
@@ -174,9 +176,9 @@ def test_itk_formats_match_nifti(tmp_path):
     nrrd = write_subject(tmp_path / "b" / "Nrrd", ext=".nrrd")
     mha = write_subject(tmp_path / "c" / "Mha", ext=".mha")
     cache = VolumeCache(tmp_path / "cache", normalization="none")
-    reference = cache.get(datasets.discover_subjects(nifti)[0])
+    reference = cache.get(subjects.discover_subjects(nifti)[0])
     for folder in (nrrd, mha):
-        (record,) = datasets.discover_subjects(folder)
+        (record,) = subjects.discover_subjects(folder)
         cached = cache.get(record)
         torch.testing.assert_close(cached["image"], reference["image"])
         torch.testing.assert_close(cached["mask"], reference["mask"])
@@ -187,7 +189,7 @@ def test_modality_names_are_canonical(tmp_path):
     images, seg = phantom_arrays()
     for token, image in zip(("T1w", "T1Gd", "T2W", "FLAIR"), images):
         save_nifti(folder / f"Odd_{token}.nii.gz", image)
-    (record,) = datasets.discover_subjects(folder)
+    (record,) = subjects.discover_subjects(folder)
     assert sorted(record["images"]) == sorted(MODALITIES)
     assert record["images"]["t1c"].endswith("Odd_T1Gd.nii.gz")
 
@@ -196,15 +198,15 @@ def test_modality_names_are_canonical(tmp_path):
 
 
 @pytest.mark.parametrize("n, split, expected", [
-    (335, datasets.PAPER_SPLIT, (271, 32, 32)),
-    (10, datasets.PAPER_SPLIT, (8, 1, 1)),
-    (3, datasets.PAPER_SPLIT, (1, 1, 1)),
+    (335, subjects.PAPER_SPLIT, (271, 32, 32)),
+    (10, subjects.PAPER_SPLIT, (8, 1, 1)),
+    (3, subjects.PAPER_SPLIT, (1, 1, 1)),
     (20, (0.5, 0.25, 0.25), (10, 5, 5)),
     (20, (12, 4, 4), (12, 4, 4)),
     (5, (1, 0, 0), (5, 0, 0)),
 ])
 def test_split_counts(n, split, expected):
-    assert datasets.split_counts(n, split) == expected
+    assert datalists.split_counts(n, split) == expected
 
 
 def test_write_datalist_stratified_deterministic_and_readable(tmp_path):
@@ -212,19 +214,19 @@ def test_write_datalist_stratified_deterministic_and_readable(tmp_path):
     records = [{"subject": f"S{i:02d}", "grade": "HGG" if i < 20 else "LGG", "images": {m: str(root / f"S{i:02d}_{m}.nii.gz")
                 for m in MODALITIES}, "seg": str(root / f"S{i:02d}_seg.nii.gz"), "layout": "brats2018-2021"} for i in range(30)]
     out = tmp_path / "lists" / "datalist.json"
-    first = datasets.write_datalist(records, out, split=(0.8, 0.1, 0.1), seed=3)
-    assert [len(first[s]) for s in datasets.SECTIONS] == [24, 3, 3]
-    for section in datasets.SECTIONS:  # grade mix kept: 2/3 HGG in every section
+    first = datalists.write_datalist(records, out, split=(0.8, 0.1, 0.1), seed=3)
+    assert [len(first[s]) for s in subjects.SECTIONS] == [24, 3, 3]
+    for section in subjects.SECTIONS:  # grade mix kept: 2/3 HGG in every section
         grades = [e["grade"] for e in first[section]]
         assert grades.count("HGG") == 2 * len(grades) // 3
-    assert sorted(e["subject"] for s in datasets.SECTIONS for e in first[s]) == [r["subject"] for r in records]
-    again = datasets.write_datalist(records, tmp_path / "lists" / "again.json", split=(0.8, 0.1, 0.1), seed=3)
-    assert all(again[s] == first[s] for s in datasets.SECTIONS)
-    other = datasets.write_datalist(records, tmp_path / "lists" / "other.json", split=(0.8, 0.1, 0.1), seed=4)
+    assert sorted(e["subject"] for s in subjects.SECTIONS for e in first[s]) == [r["subject"] for r in records]
+    again = datalists.write_datalist(records, tmp_path / "lists" / "again.json", split=(0.8, 0.1, 0.1), seed=3)
+    assert all(again[s] == first[s] for s in subjects.SECTIONS)
+    other = datalists.write_datalist(records, tmp_path / "lists" / "other.json", split=(0.8, 0.1, 0.1), seed=4)
     assert other["validation"] != first["validation"]
     entry = json.loads(out.read_text())["training"][0]
     assert entry["t1c"] == f"../data/{entry['subject']}_t1c.nii.gz" and entry["seg"].startswith("../data/")
-    loaded = datasets.load_datalist(out, "training")
+    loaded = subjects.load_datalist(out, "training")
     assert loaded[0]["images"]["t1c"] == str(root / f"{entry['subject']}_t1c.nii.gz")
 
 
@@ -232,33 +234,33 @@ def test_datalist_round_trip_through_monai_loader(brats, tmp_path):
     from monai.data import load_decathlon_datalist
 
     out = brats / "datalist.json"
-    datasets.write_datalist(brats, out)
+    datalists.write_datalist(brats, out)
     monai_entries = load_decathlon_datalist(str(out), data_list_key="training")
     assert monai_entries and all(os.path.isfile(e[m]) for e in monai_entries for m in (*MODALITIES, "seg"))
-    ours = datasets.discover_subjects(out)  # a datalist JSON is itself a source
-    direct = datasets.discover_subjects(brats)
+    ours = subjects.discover_subjects(out)  # a datalist JSON is itself a source
+    direct = subjects.discover_subjects(brats)
     assert [(r["subject"], r["grade"], r["images"], r["seg"]) for r in ours] == \
            [(r["subject"], r["grade"], r["images"], r["seg"]) for r in direct]
     # A plain decathlon list of per-modality files with channel names works too.
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps({"channels": ["t1", "t1ce", "t2", "flair"], "training": [
         {"image": [direct[0]["images"][m] for m in MODALITIES], "label": direct[0]["seg"]}]}))
-    (record,) = datasets.load_datalist(plain, "training")
+    (record,) = subjects.load_datalist(plain, "training")
     assert record["images"] == direct[0]["images"] and record["subject"] == direct[0]["subject"]
 
 
 def test_cli_datalist_and_summary(brats, tmp_path, capsys):
     out = tmp_path / "cli.json"
-    assert datasets.main(["datalist", "--data", str(brats), "--out", str(out), "--seed", "1", "--split", "4", "1", "1"]) == 0
-    assert [len(json.loads(out.read_text())[s]) for s in datasets.SECTIONS] == [4, 1, 1]
+    assert datalists.main(["datalist", "--data", str(brats), "--out", str(out), "--seed", "1", "--split", "4", "1", "1"]) == 0
+    assert [len(json.loads(out.read_text())[s]) for s in subjects.SECTIONS] == [4, 1, 1]
     capsys.readouterr()
-    assert datasets.main(["summary", "--datalist", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert datalists.main(["summary", "--datalist", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     printed = capsys.readouterr().out
     assert "training" in printed and "testing" in printed
-    summary = datasets.summarize_datalist(out, VolumeCache(tmp_path / "cache"))
+    summary = datalists.summarize_datalist(out, VolumeCache(tmp_path / "cache"))
     assert summary["training"]["slices"] == 4 * len(BRAIN_SLICES)
     assert summary["training"]["positive_fraction"] == pytest.approx(len(TUMOUR_SLICES) / len(BRAIN_SLICES))
-    assert datasets.main(["datalist", "--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert datalists.main(["datalist", "--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
 
 
 def test_ensure_dataset_generates_phantom_once(tmp_path, monkeypatch):
@@ -270,12 +272,12 @@ def test_ensure_dataset_generates_phantom_once(tmp_path, monkeypatch):
         write_brats2019(Path(out_dir), n_hgg, subjects - n_hgg)
         return []
 
-    monkeypatch.setitem(sys.modules, "scripts.phantom", types.SimpleNamespace(generate_dataset=fake_generate))
+    monkeypatch.setitem(sys.modules, "scripts.data.phantom", types.SimpleNamespace(generate_dataset=fake_generate))
     target = tmp_path / "phantom"
-    path = datasets.ensure_dataset(target, phantom={"subjects": 4, "seed": 7}, split=(2, 1, 1))
+    path = datalists.ensure_dataset(target, phantom={"subjects": 4, "seed": 7}, split=(2, 1, 1))
     assert path == str(target / "datalist.json") and calls == [(4, 7, 1.0, 0.5)]
-    assert [len(json.loads(Path(path).read_text())[s]) for s in datasets.SECTIONS] == [2, 1, 1]
-    assert datasets.ensure_dataset(target, phantom={"subjects": 4}) == path and len(calls) == 1
+    assert [len(json.loads(Path(path).read_text())[s]) for s in subjects.SECTIONS] == [2, 1, 1]
+    assert datalists.ensure_dataset(target, phantom={"subjects": 4}) == path and len(calls) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["phantom"]  # no staging folder left behind
 
 
@@ -284,12 +286,12 @@ def test_ensure_dataset_on_real_data_and_failed_generation(brats, tmp_path, monk
         Path(args[0], "half_written.nii.gz").write_bytes(b"x")
         raise RuntimeError("disk full")
 
-    monkeypatch.setitem(sys.modules, "scripts.phantom", types.SimpleNamespace(generate_dataset=failing_generate))
+    monkeypatch.setitem(sys.modules, "scripts.data.phantom", types.SimpleNamespace(generate_dataset=failing_generate))
     listing = tmp_path / "lists" / "brats.json"
-    assert datasets.ensure_dataset(brats, datalist=listing) == str(listing)  # real data: no phantom call
+    assert datalists.ensure_dataset(brats, datalist=listing) == str(listing)  # real data: no phantom call
     assert listing.is_file()
     with pytest.raises(RuntimeError, match="disk full"):
-        datasets.ensure_dataset(tmp_path / "empty")
+        datalists.ensure_dataset(tmp_path / "empty")
     assert not (tmp_path / "empty").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".empty")]
 
@@ -298,7 +300,7 @@ def test_ensure_dataset_on_real_data_and_failed_generation(brats, tmp_path, monk
 
 
 def test_cache_content_and_normalisation(brats, tmp_path):
-    record = datasets.discover_subjects(brats)[0]
+    record = subjects.discover_subjects(brats)[0]
     cached = VolumeCache(tmp_path / "cache", spatial_size=(20, 12)).get(record)
     image, mask = cached["image"], cached["mask"]
     assert image.shape == (4, 20, 12, 8) and image.dtype == torch.float32
@@ -316,7 +318,7 @@ def test_cache_content_and_normalisation(brats, tmp_path):
 
 
 def test_cache_reused_from_disk_and_invalidated_on_change(brats, tmp_path, monkeypatch):
-    record = datasets.discover_subjects(brats)[0]
+    record = subjects.discover_subjects(brats)[0]
     cache = VolumeCache(tmp_path / "cache", normalization="none")
     first = cache.get(record)["image"].clone()
     cache.get(record)
@@ -327,7 +329,7 @@ def test_cache_reused_from_disk_and_invalidated_on_change(brats, tmp_path, monke
     def no_reading(*args, **kwargs):
         raise AssertionError("source re-read although cached")
 
-    monkeypatch.setattr(datasets, "preprocess_subject", no_reading)
+    monkeypatch.setattr(volumes, "preprocess_subject", no_reading)
     fresh = VolumeCache(tmp_path / "cache", normalization="none")
     torch.testing.assert_close(fresh.get(record)["image"], first)
     assert (fresh.builds, fresh.disk_loads) == (0, 1)
@@ -349,10 +351,10 @@ def test_orientation_non_ras_matches_ras(tmp_path):
     zyx_affine = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1.0]])
     zyx = write_subject(tmp_path / "zyx" / "Zyx", affine=zyx_affine, transform=lambda a: a.transpose(2, 1, 0))
     cache = VolumeCache(tmp_path / "cache", spatial_size=(16, 16), normalization="none")
-    reference = cache.get(datasets.discover_subjects(ras)[0])
+    reference = cache.get(subjects.discover_subjects(ras)[0])
     np.testing.assert_allclose(reference["image"].numpy(), expected_image(0))
     for folder in (lps, zyx):
-        other = cache.get(datasets.discover_subjects(folder)[0])
+        other = cache.get(subjects.discover_subjects(folder)[0])
         torch.testing.assert_close(other["image"], reference["image"])
         torch.testing.assert_close(other["mask"], reference["mask"])
 
@@ -361,7 +363,7 @@ def test_orientation_non_ras_matches_ras(tmp_path):
 
 
 def test_slice_dataset_labels_subset_and_order(brats, tmp_path):
-    records = datasets.discover_subjects(brats)[:2]
+    records = subjects.discover_subjects(brats)[:2]
     cache = VolumeCache(tmp_path / "cache", spatial_size=(16, 16))
     slices = SliceDataset(records, cache, modalities=["flair", "T1ce"])
     assert len(slices) == 2 * len(BRAIN_SLICES)
@@ -383,7 +385,7 @@ def test_slice_dataset_labels_subset_and_order(brats, tmp_path):
 
 
 def test_slice_zscore_switch(brats, tmp_path):
-    records = datasets.discover_subjects(brats)[:1]
+    records = subjects.discover_subjects(brats)[:1]
     cache = VolumeCache(tmp_path / "cache")
     plain = SliceDataset(records, cache, slice_normalization="none")[2]["image"]
     scored = SliceDataset(records, cache, slice_normalization="zscore")[2]["image"]
@@ -396,7 +398,7 @@ def test_slice_zscore_switch(brats, tmp_path):
 
 
 def test_volume_dataset(brats, tmp_path):
-    records = datasets.discover_subjects(brats)[:2]
+    records = subjects.discover_subjects(brats)[:2]
     volumes = VolumeDataset(records, VolumeCache(tmp_path / "cache"), modalities=["t2"])
     item = volumes[1]
     assert len(volumes) == 2 and item["image"].shape == (1, 16, 16, 8) and item["mask"].shape == (1, 16, 16, 8)
@@ -406,7 +408,7 @@ def test_volume_dataset(brats, tmp_path):
 
 def test_allow_missing_zero_fills(tmp_path):
     folder = write_subject(tmp_path / "Partial", skip=("t2",))
-    (record,) = datasets.discover_subjects(folder, allow_missing=True)
+    (record,) = subjects.discover_subjects(folder, allow_missing=True)
     cached = VolumeCache(tmp_path / "cache", allow_missing=True).get(record)
     assert cached["present"] == ["t1", "t1c", "flair"] and float(cached["image"][2].abs().max()) == 0.0
     for strict in (VolumeCache(tmp_path / "strict"), VolumeCache(tmp_path / "cache")):  # fresh or zero-filled cache
@@ -427,11 +429,11 @@ def assert_names(error: pytest.ExceptionInfo, *parts: str) -> None:
 def test_missing_modality_file(tmp_path):
     folder = write_subject(tmp_path / "data" / "Gap", skip=("t1ce",))
     with pytest.raises(DataError) as error:
-        datasets.discover_subjects(tmp_path / "data")
+        subjects.discover_subjects(tmp_path / "data")
     assert_names(error, "Gap", folder / "Gap_t1ce.nii.gz")
     # A file that vanished after the datalist was written.
     write_subject(tmp_path / "ok" / "Gone")
-    (record,) = datasets.discover_subjects(tmp_path / "ok")
+    (record,) = subjects.discover_subjects(tmp_path / "ok")
     os.remove(record["images"]["t2"])
     with pytest.raises(DataError) as error:
         VolumeCache(tmp_path / "cache").get(record)
@@ -441,7 +443,7 @@ def test_missing_modality_file(tmp_path):
 def test_shape_mismatch(tmp_path):
     folder = write_subject(tmp_path / "Wide")
     save_nifti(folder / "Wide_t2.nii.gz", np.ones((16, 16, 9), np.float32))
-    (record,) = datasets.discover_subjects(folder)
+    (record,) = subjects.discover_subjects(folder)
     with pytest.raises(DataError) as error:
         VolumeCache(tmp_path / "cache").get(record)
     assert_names(error, "Wide", folder / "Wide_t2.nii.gz", "(16, 16, 9)")
@@ -453,7 +455,7 @@ def test_affine_mismatch_and_tolerance(tmp_path):
     nearly = RAS.copy()
     nearly[0, 3] = 5e-4  # within tolerance: accepted
     save_nifti(folder / "Shifted_flair.nii.gz", images[3], nearly)
-    (record,) = datasets.discover_subjects(folder)
+    (record,) = subjects.discover_subjects(folder)
     VolumeCache(tmp_path / "cache").get(record)
     shifted = RAS.copy()
     shifted[0, 3] = 2.0
@@ -468,7 +470,7 @@ def test_truncated_file_leaves_cache_clean(tmp_path):
     target = folder / "Cut_flair.nii.gz"
     raw = target.read_bytes()
     target.write_bytes(raw[: len(raw) // 2])
-    (record,) = datasets.discover_subjects(folder)
+    (record,) = subjects.discover_subjects(folder)
     cache_dir = tmp_path / "cache"
     with pytest.raises(DataError) as error:
         VolumeCache(cache_dir).get(record)
@@ -484,7 +486,7 @@ def test_truncated_itk_file(tmp_path):
     folder = write_subject(tmp_path / "CutMha", ext=".mha")
     target = folder / "CutMha_t1.mha"
     target.write_bytes(target.read_bytes()[:600])
-    (record,) = datasets.discover_subjects(folder)
+    (record,) = subjects.discover_subjects(folder)
     with pytest.raises(DataError) as error:
         VolumeCache(tmp_path / "cache").get(record)
     assert_names(error, "CutMha", target)
@@ -496,7 +498,7 @@ def test_non_finite_voxels(tmp_path):
     images[1][5, 5, 5] = np.nan
     images[1][6, 5, 5] = np.inf
     save_nifti(folder / "Nan_t1ce.nii.gz", images[1])
-    (record,) = datasets.discover_subjects(folder)
+    (record,) = subjects.discover_subjects(folder)
     with pytest.raises(DataError) as error:
         VolumeCache(tmp_path / "cache").get(record)
     assert_names(error, "Nan", folder / "Nan_t1ce.nii.gz", "2 NaN/inf")
@@ -504,7 +506,7 @@ def test_non_finite_voxels(tmp_path):
 
 def test_4d_with_wrong_channel_count(tmp_path):
     root = write_msd(tmp_path / "Task01", 1, channels=3)
-    (record,) = datasets.discover_subjects(root)
+    (record,) = subjects.discover_subjects(root)
     with pytest.raises(DataError) as error:
         VolumeCache(tmp_path / "cache").get(record)
     assert_names(error, "BRATS_000", record["image4d"], "3 channels")
@@ -514,14 +516,14 @@ def test_empty_dataset_lists_layouts(tmp_path):
     (tmp_path / "empty" / "HGG").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("nothing here")
     with pytest.raises(DataError) as error:
-        datasets.discover_subjects(tmp_path / "empty")
+        subjects.discover_subjects(tmp_path / "empty")
     message = str(error.value)
     assert str(tmp_path / "empty") in message and "BraTS 2023" in message and "MSD" in message and ".json" in message
 
 
 def test_split_without_positive_slices(tmp_path):
     root = write_brats2019(tmp_path / "healthy", 2, 0, tumour=False)
-    records = datasets.discover_subjects(root)
+    records = subjects.discover_subjects(root)
     with pytest.raises(DataError) as error:
         SliceDataset(records, VolumeCache(tmp_path / "cache"))
     assert_names(error, records[0]["subject"], records[0]["seg"], "positive")
@@ -530,17 +532,17 @@ def test_split_without_positive_slices(tmp_path):
 
 def test_failed_rewrite_keeps_existing_datalist(brats, tmp_path):
     out = tmp_path / "keep.json"
-    datasets.write_datalist(brats, out)
+    datalists.write_datalist(brats, out)
     before = out.read_bytes()
     os.remove(brats / "HGG" / "Case_HGG_001" / "Case_HGG_001_t2.nii.gz")
     with pytest.raises(DataError, match="Case_HGG_001"):
-        datasets.write_datalist(brats, out)
+        datalists.write_datalist(brats, out)
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".keep")) == []
 
 
 def test_corrupt_cache_file_is_rebuilt(brats, tmp_path):
-    record = datasets.discover_subjects(brats)[0]
+    record = subjects.discover_subjects(brats)[0]
     cache = VolumeCache(tmp_path / "cache")
     good = cache.get(record)["image"].clone()
     image_file = next((tmp_path / "cache").glob("*.image.npy"))

@@ -1,4 +1,4 @@
-"""Tests of the synthetic tumour phantom (scripts/phantom/).
+"""Tests of the synthetic tumour phantom (scripts/data/phantom/).
 
 Subjects are generated at 3-4 mm so that the whole file runs in well under a minute; the
 physics and geometry do not depend on the voxel size.
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from scripts import phantom
-from scripts.phantom import physics, report, tumour
-from scripts.phantom.__main__ import main as phantom_cli
+from scripts.data import phantom
+from scripts.data.phantom import physics, report, tumour
+from scripts.data.phantom.__main__ import main as phantom_cli
 
 SPACING = 3.0  # contrast / shape checks
 FAST_SPACING = 4.0  # I/O, determinism and volume checks
@@ -156,7 +156,7 @@ def band_rows():
 def test_contrast_bands_on_a_small_sample(band_rows):
     """The realism bands of the ratios (tumour compartments vs normal brain) hold on a small
     coarse sample, pooled over grades, within a stated slack; the full check (per grade, 20
-    subjects at 1 mm) is `python -m scripts.phantom report`, recorded in docs/phantom.md."""
+    subjects at 1 mm) is `python -m scripts.data.phantom report`, recorded in docs/phantom.md."""
     pooled = [{**row, "grade": "all"} for row in band_rows]
     failures = []
     for band in report.evaluate_bands(pooled):

@@ -1,4 +1,4 @@
-"""Multi-process training: scripts/distributed.py and configs/multi_gpu_train.yaml.
+"""Multi-process training: scripts/method/distributed.py and configs/multi_gpu_train.yaml.
 
 Fast tests check the DDP wrapping in a one-process gloo group and which handlers each rank
 keeps; one end-to-end test launches two CPU processes with torchrun (gloo) on a tiny phantom.
@@ -17,12 +17,12 @@ import torch.distributed as dist
 from monai.bundle import ConfigParser
 from monai.data import DataLoader
 
-from scripts import distributed
-from scripts.networks import MultiModalCAM
-from scripts.trainer import CMERTrainer, ModalityOptimizers, TransformSampler, build_objective
+from scripts.method import distributed
+from scripts.model.networks import MultiModalCAM
+from scripts.method.trainer import CMERTrainer, ModalityOptimizers, TransformSampler, build_objective
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MULTI_GPU = ["configs/train.yaml", "configs/presets/phantom_quick.yaml", "configs/multi_gpu_train.yaml"]
 # A tiny phantom (6 subjects at 6 mm, 32x32 slices) and 2 iterations per process.
 TINY = ["--epochs", "1", "--phantom#subjects", "6", "--phantom#spacing", "6.0", "--split", "[2,2,2]",

@@ -1,4 +1,4 @@
-"""Tests for scripts/equivariance.py: the transforms pi, their inverses and valid masks."""
+"""Tests for scripts/method/equivariance.py: the transforms pi, their inverses and valid masks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.equivariance import (
+from scripts.method.equivariance import (
     DrawnTransform,
     TRANSFORM_KINDS,
     draw_from,

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scripts.losses import (
+from scripts.method.losses import (
     CMERObjective,
     FullSupervisionObjective,
     ObjectiveConfig,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from scripts.sampling import slice_sampler
-from scripts.schedules import ModalityLRSchedule, lr_factor
+from scripts.data.sampling import slice_sampler
+from scripts.method.schedules import ModalityLRSchedule, lr_factor
 
 
 def test_lr_factor_warmup_then_cosine():

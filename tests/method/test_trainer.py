@@ -7,15 +7,12 @@ from monai.data import DataLoader
 from monai.engines.utils import IterationEvents
 from monai.handlers import ValidationHandler
 
-from scripts.handlers import AtomicCheckpointSaver, LambdaEScheduler, ResumeFromCheckpoint, ValidationReport
-from scripts.networks import MultiModalCAM
-from scripts.trainer import (
-    CAMValidator,
-    CMERTrainer,
-    ModalityOptimizers,
-    TransformSampler,
-    build_objective,
-)
+from scripts.workflows.checkpoints import AtomicCheckpointSaver, ResumeFromCheckpoint
+from scripts.method.schedules import LambdaEScheduler
+from scripts.workflows.reports import ValidationReport
+from scripts.model.networks import MultiModalCAM
+from scripts.workflows.validation import CAMValidator
+from scripts.method.trainer import CMERTrainer, ModalityOptimizers, TransformSampler, build_objective
 
 torch.set_num_threads(1)
 SIZE = 16
@@ -179,7 +176,7 @@ def test_best_model_saved_by_validation_metric(tmp_path):
 def test_cam_image_writer_logs_both_views_per_modality(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from scripts.handlers import CAMImageWriter
+    from scripts.workflows.writers import CAMImageWriter
 
     network = MultiModalCAM(["t1", "t2"], base_channels=4)
     slices = _slices()

@@ -1,4 +1,4 @@
-"""Tests of scripts.maps on tiny stand-in networks with the scripts.networks contract."""
+"""Tests of scripts.model.cams on tiny stand-in networks with the scripts.model.networks contract."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 from monai.visualize import GradCAMpp
 
-from scripts.map_engine import volume_maps
-from scripts.maps import (
+from scripts.workflows.map_engine import volume_maps
+from scripts.model.cams import (
     augmented_maps,
     binarise,
     cam_maps,

@@ -1,11 +1,11 @@
-"""Tests for scripts/networks.py: shapes, the CAM contract, normalisation, gating, TorchScript."""
+"""Tests for scripts/model/networks.py: shapes, the CAM contract, normalisation, gating, TorchScript."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from scripts.networks import (
+from scripts.model.networks import (
     DeepLabCAM,
     MultiModalCAM,
     UNetCAM,

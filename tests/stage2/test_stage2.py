@@ -13,13 +13,14 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from scripts.datasets import VolumeCache, load_datalist
+from scripts.data.volumes import VolumeCache
+from scripts.data.subjects import load_datalist
 from scripts.runtime import BundleError, MissingCheckpoint, project_error
-from scripts.stage2_model import IgnoreDiceCELoss, Stage2Net, build_from_checkpoint, recorded_setting
-from scripts.stage2_pseudo import IGNORE_LABEL, PseudoMaskCache, Stage2VolumeDataset, refine_labels
+from scripts.stage2.model import IgnoreDiceCELoss, Stage2Net, build_from_checkpoint, recorded_setting
+from scripts.stage2.pseudo_labels import IGNORE_LABEL, PseudoMaskCache, Stage2VolumeDataset, refine_labels
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 META = str(REPO / "configs/metadata.json")
 # a tiny phantom at coarse spacing, base 4, one epoch: stage 1 then stage 2 in well under a minute
 TINY = {"make_phantom": True, "phantom#subjects": 6, "phantom#spacing": 6.0, "spatial_size": [40, 40],

@@ -11,18 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.benchmark import (
-    DeviceAudit,
-    ReferenceStep,
-    Row,
-    Settings,
-    build_network,
-    make_trainer,
-    markdown_table,
-    synthetic_batch,
-)
+from tools.benchmark.core import Row, Settings, build_network, markdown_table, synthetic_batch
+from tools.benchmark.gpu import DeviceAudit
+from tools.benchmark.training import ReferenceStep, make_trainer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # (area, a piece of the case) of every row a CPU --quick run must print.
 EXPECTED_ROWS = [
@@ -44,7 +37,7 @@ EXPECTED_ROWS = [
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "perf.md"
-    result = subprocess.run([sys.executable, "-m", "scripts.benchmark", "--quick", "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "tools.benchmark", "--quick", "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout, out.read_text()
@@ -127,8 +120,8 @@ def test_quick_run_puts_precisions_side_by_side(quick_report):
 
 
 def test_flop_count_of_a_bare_step_counts_forward_and_backward():
-    from scripts.benchmark import BareStep
-    from scripts.benchmark_peak import step_flops
+    from tools.benchmark.training import BareStep
+    from tools.benchmark.precision import step_flops
 
     s = Settings(device=torch.device("cpu"), amp=False, quick=True, base_channels=4, sizes=(16,), batch_size=2,
                  repeats=1, warmup=0)

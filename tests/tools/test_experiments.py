@@ -2,7 +2,7 @@
 
 import json
 
-from scripts import experiments
+from tools import experiments
 
 
 def test_quick_experiments_write_every_table_and_figure(tmp_path):

@@ -1,4 +1,4 @@
-"""Evaluation (configs/evaluate.yaml over train.yaml, scripts/evaluate.py) on a tiny dataset.
+"""Evaluation (configs/evaluate.yaml over train.yaml, scripts/workflows/evaluate.py) on a tiny dataset.
 
 Subjects are 16x16x8 volumes written here: a constant brain on slices 1-6 (slices 0 and 7
 hold no brain) and a bright tumour box on slices 3-5. A stand-in network whose tumour map
@@ -19,14 +19,14 @@ import torch
 import torch.nn as nn
 from monai.bundle import ConfigWorkflow
 
-from scripts.evaluate import assemble
-from scripts.evaluation import evaluate_volumes
-from scripts.inference import CAMMapEvaluator
-from scripts.networks import MultiModalCAM
+from scripts.workflows.evaluate import assemble
+from scripts.workflows.metrics import evaluate_volumes
+from scripts.workflows.inference import CAMMapEvaluator
+from scripts.model.networks import MultiModalCAM
 from tests.stand_ins import CopyNet
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [str(REPO / "configs" / "train.yaml"), str(REPO / "configs" / "evaluate.yaml")]
 META = str(REPO / "configs" / "metadata.json")
 MODALITIES = ["t1", "t1c", "t2", "flair"]
@@ -122,7 +122,7 @@ def test_perfect_maps_give_dsc_one_with_slices_in_order(tmp_path, dataset, metho
     out = tmp_path / "eval"
     run_evaluation(dataset, out, network=StandIn(), gate=False, method=method, tta=tta,
                    **{"evaluate#handlers": ["@evaluate#report"],
-                      "evaluating": ["$scripts.inference.run_engine(@evaluate#evaluator)"]})
+                      "evaluating": ["$scripts.workflows.inference.run_engine(@evaluate#evaluator)"]})
     for row in read_csv(out / "summary.csv"):
         assert float(row["dsc_mean"]) == pytest.approx(1.0), row
         assert float(row["assd_mean"]) == pytest.approx(0.0), row

@@ -1,4 +1,4 @@
-"""Inference (configs/inference.yaml, scripts/inference.py) on tiny NIfTI volumes written here.
+"""Inference (configs/inference.yaml, scripts/workflows/inference.py) on tiny NIfTI volumes written here.
 
 Geometry is checked with a stand-in network whose tumour map is its input, so a region
 painted bright in the input must come back as the mask on exactly the same voxels, on
@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 from monai.bundle import ConfigWorkflow
 
-from scripts.datasets import DataError
-from scripts.inference import LoadSubjectd, find_inputs, record_from_files, require_checkpoint, subject_from_files
+from scripts.data.subjects import DataError
+from scripts.workflows.inference import LoadSubjectd, find_inputs, record_from_files, require_checkpoint, subject_from_files
 from tests.stand_ins import CopyNet
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "inference.yaml")
 META = str(REPO / "configs" / "metadata.json")
 FILE_TOKENS = {"t1": "t1", "t1c": "t1ce", "t2": "t2", "flair": "flair"}
@@ -110,7 +110,7 @@ def test_outputs_keep_the_input_geometry_and_the_mask_lands_on_the_painted_voxel
     out = tmp_path / "out"
     run_inference(dataset_dir=str(data), output_dir=str(out), ckpt_path=str(tmp_path / "unused.pt"),
                   network=CopyCAM(), handlers=["@progress"], gate=False,
-                  inference=["$scripts.inference.run_engine(@evaluator)"])
+                  inference=["$scripts.workflows.inference.run_engine(@evaluator)"])
     folder = out / "Case01"
     assert outputs(folder) == ["Case01_cam_flair.nii.gz", "Case01_cam_fused.nii.gz", "Case01_cam_t1.nii.gz",
                                "Case01_mask.nii.gz"]

@@ -1,5 +1,5 @@
 """One preprocessing and one map engine: validation, evaluation and inference agree, at any
-input spacing (scripts/preprocessing.py, scripts/map_engine.py).
+input spacing (scripts/data/preprocessing.py, scripts/workflows/map_engine.py).
 
 - three routes, one answer: the validator, the evaluator (cached test volumes) and the
   inference workflow (NIfTI files, configs/inference.yaml) give identical masks for one volume;
@@ -23,14 +23,16 @@ from monai.bundle import ConfigWorkflow
 from monai.data import DataLoader, MetaTensor
 from monai.data.utils import no_collation
 
-from scripts.datasets import VolumeCache, VolumeDataset, discover_subjects
-from scripts.inference import CAMMapEvaluator
-from scripts.networks import MultiModalCAM, SettingsMismatch, model_settings
-from scripts.preprocessing import in_plane_size, volume_preprocessing
+from scripts.data.volumes import VolumeCache
+from scripts.data.slices import VolumeDataset
+from scripts.data.subjects import discover_subjects
+from scripts.workflows.inference import CAMMapEvaluator
+from scripts.model.networks import MultiModalCAM, SettingsMismatch, model_settings
+from scripts.data.preprocessing import in_plane_size, volume_preprocessing
 from tests.stand_ins import CopyNet
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INFER = str(REPO / "configs" / "inference.yaml")
 META = str(REPO / "configs" / "metadata.json")
 MODALITIES = ["t1", "t1c", "t2", "flair"]
@@ -85,7 +87,7 @@ def test_validation_evaluation_and_inference_give_identical_masks(tmp_path, mode
     cache = VolumeCache(tmp_path / "cache", spatial_size=SIZE, spacing=SPACING)
     dataset = VolumeDataset(records, cache, MODALITIES)
 
-    from scripts.trainer import CAMValidator
+    from scripts.workflows.validation import CAMValidator
 
     validator = CAMValidator("cpu", DataLoader(dataset, batch_size=1), network)
     validated = outputs_of(validator)
@@ -99,7 +101,7 @@ def test_validation_evaluation_and_inference_give_identical_masks(tmp_path, mode
                         dataset_dir=str(data), output_dir=str(tmp_path / "out"), ckpt_path=str(model_file),
                         device="$torch.device('cpu')", precision="fp32",  # as the validator's default
                         postprocessing="$None", handlers=["@checkpoint_loader"],
-                        inference=["$scripts.inference.run_engine(@evaluator)"])
+                        inference=["$scripts.workflows.inference.run_engine(@evaluator)"])
     wf.initialize()
     inferred = outputs_of(wf.evaluator)
     wf.run()
@@ -145,7 +147,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> dict:
-    from scripts.phantom import generate_dataset
+    from scripts.data.phantom import generate_dataset
 
     root = tmp_path_factory.mktemp("phantom")
     for spacing in (3.0, 1.0):
@@ -159,9 +161,8 @@ def _run(folder: Path, out: Path):
                         dataset_dir=str(folder), output_dir=str(out), ckpt_path=str(out / "none.pt"),
                         device="$torch.device('cpu')", network=FlairCopy(), modalities=["flair"], spacing=3.0,
                         spatial_size=in_plane_size(3.0), gate=False, handlers=[],
-                        inference=["$scripts.inference.run_engine(@evaluator)"])
+                        inference=["$scripts.workflows.inference.run_engine(@evaluator)"])
     wf.initialize()
-    model_grid = outputs_of(wf.evaluator)
     record = discover_subjects(folder)[0]
     wf.run()
     wf.finalize()

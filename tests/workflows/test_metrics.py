@@ -1,4 +1,4 @@
-"""Tests of scripts.evaluation (metrics, empty cases, sweep, writers) and scripts.figures."""
+"""Tests of scripts.workflows.metrics (metrics, empty cases, sweep, writers) and scripts.workflows.figures."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.metrics import compute_dice
 
-from scripts.evaluation import (
+from scripts.workflows.metrics import (
     EvaluationResult,
     assd_mm,
     compare_methods,
@@ -22,7 +22,7 @@ from scripts.evaluation import (
     voxel_counts,
     write_results,
 )
-from scripts.figures import cam_overlay, cam_overlay_grid, plot_overlays, plot_threshold_sweep
+from scripts.workflows.figures import cam_overlay, cam_overlay_grid, plot_overlays, plot_threshold_sweep
 
 
 def cube(shape=(6, 6, 6), start=(1, 1, 1), size=3) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["configs/train.yaml", "configs/presets/phantom_quick.yaml"]
 TINY = ["--epochs", "1", "--phantom#subjects", "6", "--phantom#spacing", "6.0", "--split", "[2,2,2]",
         "--spatial_size", "[32,32]", "--base_channels", "4", "--batch_size", "4", "--train#trainer#epoch_length", "2"]

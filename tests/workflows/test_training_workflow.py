@@ -17,7 +17,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = {"make_phantom": True, "phantom#subjects": 6, "phantom#spacing": 6.0, "spatial_size": [40, 40], "split": [2, 2, 2],
         "base_channels": 4, "batch_size": 8}
 

@@ -1,5 +1,5 @@
 """The benchmark's `precision` part: the matmul peak of this machine and the bare UNetCAM
-step's share of it, per precision (used by `python -m scripts.benchmark`).
+step's share of it, per precision (used by `python -m tools.benchmark`).
 
 Rows: 2048x2048 matmul GFLOP/s in float32 and bfloat16 (the peak the networks could reach),
 then for every slice size and precision the bare step of one UNetCAM (forward + backward over
@@ -20,7 +20,7 @@ MATMUL_N = 2048
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, repeats: int = 5, n: int = MATMUL_N) -> float:
-    from scripts.benchmark import median, timed
+    from tools.benchmark.core import median, timed
 
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -36,7 +36,8 @@ def step_flops(step) -> int:
 
 
 def precision_rows(s, progress=lambda message: None) -> list:
-    from scripts.benchmark import BareStep, Row, build_network, synthetic_batch, time_calls, verdict
+    from tools.benchmark.core import Row, build_network, synthetic_batch, time_calls, verdict
+    from tools.benchmark.training import BareStep
 
     repeats = 2 if s.quick else 5
     peak = {name: matmul_gflops(dtype, s.device, repeats) for name, dtype in

@@ -25,11 +25,11 @@ Everything is deterministic given (seed, subject index): subject i is the same w
 the number of subjects generated.
 """
 
-from scripts.phantom.anatomy import grid_affine, grid_shape
-from scripts.phantom.generate import (generate_dataset, generate_subject, load_subject, subject_grades,
+from scripts.data.phantom.anatomy import grid_affine, grid_shape
+from scripts.data.phantom.generate import (generate_dataset, generate_subject, load_subject, subject_grades,
                                           subject_id, write_subject)
-from scripts.phantom.render import MODALITY_FILES
-from scripts.phantom.tumour import GRADES, LABEL_ENHANCING, LABEL_NECROTIC_CORE, LABEL_OEDEMA
+from scripts.data.phantom.render import MODALITY_FILES
+from scripts.data.phantom.tumour import GRADES, LABEL_ENHANCING, LABEL_NECROTIC_CORE, LABEL_OEDEMA
 
 __all__ = ["GRADES", "LABEL_ENHANCING", "LABEL_NECROTIC_CORE", "LABEL_OEDEMA", "MODALITY_FILES", "generate_dataset",
            "generate_subject", "grid_affine", "grid_shape", "load_subject", "subject_grades", "subject_id",

@@ -41,8 +41,8 @@ def _report_parser() -> argparse.ArgumentParser:
 
 
 def generate(argv) -> int:
-    from scripts.phantom.figure import plot_subjects
-    from scripts.phantom.generate import GRADES, generate_dataset, load_subject
+    from scripts.data.phantom.figure import plot_subjects
+    from scripts.data.phantom.generate import GRADES, generate_dataset, load_subject
 
     args = _generate_parser().parse_args(argv)
     start = time.perf_counter()
@@ -63,8 +63,8 @@ def generate(argv) -> int:
 
 
 def report(argv) -> int:
-    from scripts.datasets import DataError
-    from scripts.phantom.report import dataset_statistics, evaluate_bands, format_report, rows_to_json
+    from scripts.data.subjects import DataError
+    from scripts.data.phantom.report import dataset_statistics, evaluate_bands, format_report, rows_to_json
 
     args = _report_parser().parse_args(argv)
     try:

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from scripts.phantom.fields import SmoothRandomField, texture_field
+from scripts.data.phantom.fields import SmoothRandomField, texture_field
 
 # BraTS volumes: 240 x 240 x 155 voxels of 1 mm.
 GRID_SHAPE_1MM = (240, 240, 155)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from scripts.phantom.anatomy import ventricle_mask
-from scripts.phantom.fields import texture_field
+from scripts.data.phantom.anatomy import ventricle_mask
+from scripts.data.phantom.fields import texture_field
 
 WMH_SUBJECT_SHARE = 0.6
 PERIVENTRICULAR_BAND_MM = (1.5, 5.0)  # decay length of the periventricular band

@@ -10,8 +10,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from scripts.common import atomic_path
-from scripts.phantom.render import MODALITY_FILES
-from scripts.phantom.tumour import LABEL_ENHANCING, LABEL_NECROTIC_CORE, LABEL_OEDEMA
+from scripts.data.phantom.render import MODALITY_FILES
+from scripts.data.phantom.tumour import LABEL_ENHANCING, LABEL_NECROTIC_CORE, LABEL_OEDEMA
 
 LABEL_COLOURS = {LABEL_NECROTIC_CORE: (0.9, 0.15, 0.1), LABEL_OEDEMA: (0.2, 0.85, 0.2),
                  LABEL_ENHANCING: (1.0, 0.9, 0.1)}

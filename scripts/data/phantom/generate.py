@@ -11,12 +11,12 @@ from typing import Callable
 import numpy as np
 
 from scripts.common import atomic_path
-from scripts.phantom.anatomy import add_atrophy, csf_fraction, draw_anatomy_warp, grid_affine, warp_anatomy
-from scripts.phantom.confounders import draw_confounders
-from scripts.phantom.physics import (FIELD_STRENGTHS, GADOLINIUM_R1_PER_MM_MS, draw_protocols,
+from scripts.data.phantom.anatomy import add_atrophy, csf_fraction, draw_anatomy_warp, grid_affine, warp_anatomy
+from scripts.data.phantom.confounders import draw_confounders
+from scripts.data.phantom.physics import (FIELD_STRENGTHS, GADOLINIUM_R1_PER_MM_MS, draw_protocols,
                                          draw_tissue_properties, signal_table)
-from scripts.phantom.render import MODALITY_FILES, acquire, draw_acquisition, render_clean
-from scripts.phantom.tumour import GRADES, LABEL_ENHANCING, LABEL_NECROTIC_CORE, simulate_tumour
+from scripts.data.phantom.render import MODALITY_FILES, acquire, draw_acquisition, render_clean
+from scripts.data.phantom.tumour import GRADES, LABEL_ENHANCING, LABEL_NECROTIC_CORE, simulate_tumour
 
 # Entropy tags that keep the per-subject streams apart from the grade stream.
 SUBJECT_STREAM = 0

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from scripts.phantom.anatomy import GRID_SHAPE_1MM, csf_fraction, grid_axes_mm
-from scripts.phantom.fields import SmoothRandomField, texture_field
-from scripts.phantom.physics import signal_function
+from scripts.data.phantom.anatomy import GRID_SHAPE_1MM, csf_fraction, grid_axes_mm
+from scripts.data.phantom.fields import SmoothRandomField, texture_field
+from scripts.data.phantom.physics import signal_function
 
 MODALITY_FILES = ("t1", "t1ce", "t2", "flair")
 INT16_MAX = 32767

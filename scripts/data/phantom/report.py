@@ -129,7 +129,8 @@ def subject_statistics(images: dict[str, np.ndarray], seg: np.ndarray, layout: s
 
 def _load_record(record: dict) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
     """Images, segmentation and voxel size (mm) of one discovered subject, on the file's grid."""
-    from scripts.datasets import canonical_modalities, canonical_modality, load_volume
+    from scripts.common import canonical_modalities, canonical_modality
+    from scripts.data.volumes import load_volume
 
     if "image4d" in record:
         volume = np.asarray(load_volume(record["image4d"], record["subject"], "4D image"))
@@ -145,7 +146,7 @@ def _load_record(record: dict) -> tuple[dict[str, np.ndarray], np.ndarray, float
 def dataset_statistics(data: str | Path, limit: int | None = None,
                        log: Callable[[str], None] | None = None) -> list[dict]:
     """Per-subject statistics of every subject with a segmentation under `data`."""
-    from scripts.datasets import DataError, discover_subjects
+    from scripts.data.subjects import DataError, discover_subjects
 
     records = [r for r in discover_subjects(data) if r.get("seg")]
     if not records:

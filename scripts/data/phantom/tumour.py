@@ -10,10 +10,10 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from scripts.phantom.anatomy import (GRID_SHAPE_1MM, SLAB_SLICES_1MM, AnatomyWarp, _sample_template, _template_1mm,
+from scripts.data.phantom.anatomy import (GRID_SHAPE_1MM, SLAB_SLICES_1MM, AnatomyWarp, _sample_template, _template_1mm,
                                     _template_for_spacing,
                                         grid_affine, grid_axes_mm)
-from scripts.phantom.fields import SmoothRandomField, texture_field
+from scripts.data.phantom.fields import SmoothRandomField, texture_field
 
 # Tumour
 
