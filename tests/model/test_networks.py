@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scripts.model.networks import (
-    DeepLabCAM,
-    MultiModalCAM,
-    UNetCAM,
-    build_network,
-    logits_from_maps,
-    max_normalise,
-)
+from scripts.model.cams import logits_from_maps, max_normalise
+from scripts.model.networks import DeepLabCAM, MultiModalCAM, UNetCAM, build_network
 
 
 def _count_parameters(module: torch.nn.Module) -> int:

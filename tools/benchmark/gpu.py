@@ -19,6 +19,9 @@ def _dispatch_mode_base():
     return TorchDispatchMode
 
 
+_HERE = str(Path(__file__).resolve().parent) + "/"  # tools/benchmark/: its frames are not the caller
+
+
 class DeviceAudit(_dispatch_mode_base()):
     """Every aten op of a training step: CPU fallbacks and host syncs, with their callers.
 
@@ -41,9 +44,9 @@ class DeviceAudit(_dispatch_mode_base()):
 
     @staticmethod
     def _caller() -> str:
-        """The innermost frame outside torch and this file: who asked for the op."""
+        """The innermost frame outside torch and the benchmark itself: who asked for the op."""
         for frame in reversed(traceback.extract_stack()[:-2]):
-            if "/torch/" not in frame.filename and not frame.filename.endswith("benchmark.py"):
+            if "/torch/" not in frame.filename and not frame.filename.startswith(_HERE):
                 return f"{Path(frame.filename).name}:{frame.name}"
         return "?"
 
