@@ -9,7 +9,9 @@ It unzips to `<name>/` (MONAI's bundle specification, "Archive Format"):
                                                 settings: what consumers run, no `scripts.`
     <name>/models/model.pt, model.ts            weights; TorchScript exported from them now
     <name>/docs/...                             model card, data licence, notes
-    <name>/scripts/*.py                         the bundle's Python package
+    <name>/scripts/**/*.py                      the bundle's Python package (data, model, method,
+                                                workflows, stage2); developer tools (tools/: the
+                                                benchmark, the experiments) are not shipped
 
 `monai.bundle.load` builds `network_def` only from `configs/{workflow_type}.json` (".json" is
 hard-coded there) and MONAI Label's bundle app reads `configs/inference.json` first, so JSON
@@ -17,7 +19,7 @@ configs are generated into the archive; the repository keeps YAML as the single 
 inference one is the consumer config (MONAI components around models/model.ts, see
 bundle/export.py), so MONAI Label, MONAI Deploy and `monai.bundle.load` need no `scripts`
 on the path; the bundle's own inference stays `configs/inference.yaml`. Tests, packaging
-code, data and run outputs stay out.
+code, developer tools, data and run outputs stay out.
 """
 
 from __future__ import annotations

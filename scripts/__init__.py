@@ -1,14 +1,16 @@
-"""The bundle's own Python package (MONAI convention: configs import it).
+"""The bundle's own Python package (MONAI convention: configs import it), laid out by stage.
+
+    common, runtime, precision   process-wide pieces (modality names, atomic writes, checks, numerics)
+    data/       subjects, datalists, volumes + cache, slice datasets, the phantom
+    model/      CAM networks and the one set of CAM primitives
+    method/     equivariance, losses, the K-network trainer, schedules, distributed training
+    workflows/  map engine, validation, evaluation, inference, checkpoints, reports, writers
+    stage2/     the segmentation network trained on the CAM pseudo-masks
 
 Submodules are imported lazily so that `$import scripts` in a config stays cheap and
-`scripts.trainer`, `scripts.datasets`, ... resolve on first use.
+`scripts.method.trainer`, `scripts.data.slices`, ... resolve on first use.
 """
 
-import importlib
-import importlib.util
+from scripts._lazy import lazy_submodules
 
-
-def __getattr__(name):
-    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'scripts' has no attribute {name!r}")
+__getattr__ = lazy_submodules(__name__)

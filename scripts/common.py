@@ -1,4 +1,4 @@
-"""Small shared pieces: modality names, seeding and atomic file writes.
+"""Small shared pieces: modality names and atomic file writes (seeding is MONAI's set_determinism).
 
 Every module that writes a file goes through `atomic_path` so that a crash never leaves a
 half-written output next to a good one.
@@ -9,12 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import tempfile
 from pathlib import Path
 from typing import Iterator
-
-import numpy as np
 
 # Canonical modality names used everywhere in the project, in the paper's order.
 MODALITIES: tuple[str, ...] = ("t1", "t1c", "t2", "flair")
@@ -52,15 +49,6 @@ def canonical_modalities(names) -> list[str]:
     if not out:
         raise ValueError("at least one modality must be selected")
     return out
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA)."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 The configs call these from explicit `initialize:` / `finalize:` steps:
 
-- `install_error_hook`: the project's own errors (`BundleError`, `scripts.datasets.DataError`)
+- `install_error_hook`: the project's own errors (`BundleError`, `scripts.data.subjects.DataError`)
   reach the user as the last line of the output, short and with the fix, even when MONAI
   wraps them in `RuntimeError: Failed to instantiate component ...`.
 - `check_command_line`: every `--key` given to `python -m monai.bundle run` must name an
@@ -57,7 +57,7 @@ class MissingCheckpoint(BundleError, FileNotFoundError):
 
 def project_error(err: BaseException | None) -> BaseException | None:
     """The first BundleError / DataError in the chain of causes of `err` (None when there is none)."""
-    from scripts.datasets import DataError
+    from scripts.data.subjects import DataError
 
     seen = set()
     while err is not None and id(err) not in seen:

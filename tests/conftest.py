@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scripts.networks import MultiModalCAM
+from scripts.model.networks import MultiModalCAM
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ train.yaml and inference.yaml."""
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -59,7 +60,7 @@ def test_metadata_versions_are_the_installed_ones():
 
 
 def test_metadata_describes_the_network_of_the_configs():
-    from scripts.networks import DEFAULT_SETTINGS
+    from scripts.model.networks import DEFAULT_SETTINGS
 
     # inference.yaml reads the network from the checkpoint (null here); its architecture defaults
     # for tools without a checkpoint are training's
@@ -165,7 +166,7 @@ def test_archive_downloads_and_loads_with_monai(weights, tmp_path):
     assert all(n.startswith(f"{BUNDLE_NAME}/") for n in names)
     for required in ("configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/train.yaml",
                      "configs/inference.yaml", "configs/inference_deploy.yaml", "configs/logging.conf",
-                     "models/model.pt", "models/model.ts", "scripts/networks.py", "docs/README.md"):
+                     "models/model.pt", "models/model.ts", "scripts/model/networks.py", "docs/README.md"):
         assert f"{BUNDLE_NAME}/{required}" in names, required
     assert (f"{BUNDLE_NAME}/LICENSE" in names) == (ROOT / "LICENSE").is_file()
     assert not any(n.split("/")[1] in ("tests", "bundle", "data", "runs") or "__pycache__" in n for n in names)
@@ -189,6 +190,21 @@ def test_archive_downloads_and_loads_with_monai(weights, tmp_path):
                                    "same_weights": True}  # models/model.ts: the fused map
     assert report["train"] == {"type": "MultiModalCAM", "shape": [2, 4, 40, 40], "dtype": "torch.float32",
                                "same_weights": True}
+
+
+def test_archive_ships_no_developer_tools(tmp_path):
+    """The benchmark and the experiments live in tools/ (not packaged); nothing shipped imports them."""
+    files = package.bundle_files(ROOT, tmp_path / "model.pt")
+    assert any(name.startswith("scripts/") for name in files)
+    for name in files:
+        assert not name.startswith("tools/"), name
+        assert not any(word in Path(name).stem for word in ("benchmark", "experiments")), name
+    for name, source in files.items():
+        if name.endswith(".py"):
+            text = source.read_text()
+            assert not re.search(r"^\s*(from|import) tools\b", text, re.MULTILINE), f"{name} imports tools"
+    for name in ("configs/train.yaml", "configs/evaluate.yaml", "configs/inference.yaml"):
+        assert "tools." not in (ROOT / name).read_text(), f"{name} names a developer tool"
 
 
 def test_archive_needs_weights(tmp_path):

@@ -34,7 +34,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from bundle import BUNDLE_NAME, DEPLOY_CONFIG, export, package
-from scripts.networks import MultiModalCAM
+from scripts.model.networks import MultiModalCAM
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,7 +236,7 @@ def test_consumer_pipeline_gives_the_bundles_own_mask(bundle_dir, weights, tmp_p
 
 def test_the_bundles_own_file_step_keeps_every_incoming_key(tmp_path):
     """LoadSubjectd (configs/inference.yaml's `loading`) on a MONAI-Label-style request record."""
-    from scripts.inference import LoadSubjectd
+    from scripts.workflows.inference import LoadSubjectd
 
     image = four_channel_image(write_subject(tmp_path / "in", "case", shape=(12, 10, 6)), tmp_path / "case_4d.nii.gz")
     request = {"image": str(image), "model": BUNDLE_NAME, "model_filename": ["model.pt"], "device": "cpu"}
@@ -253,7 +253,7 @@ def test_the_bundles_own_file_step_keeps_every_incoming_key(tmp_path):
 def phantom_subject(tmp_path_factory) -> dict:
     """One phantom subject at 2 mm (the bundle resamples it to its 3 mm training grid)."""
     out = tmp_path_factory.mktemp("phantom")
-    done = subprocess.run([sys.executable, "-m", "scripts.phantom", "--out", str(out), "--subjects", "1", "--seed", "0",
+    done = subprocess.run([sys.executable, "-m", "scripts.data.phantom", "--out", str(out), "--subjects", "1", "--seed", "0",
                            "--spacing", "2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     (t1,) = out.glob("*/*/*_t1.nii.gz")

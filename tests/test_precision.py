@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from monai.engines.utils import IterationEvents
 
 from scripts import precision as P
-from scripts.maps import cam_maps, gradcampp_maps
-from scripts.networks import MultiModalCAM
-from scripts.trainer import CMERTrainer, ModalityOptimizers, TransformSampler, build_objective
+from scripts.model.cams import cam_maps, gradcampp_maps
+from scripts.model.networks import MultiModalCAM
+from scripts.method.trainer import CMERTrainer, ModalityOptimizers, TransformSampler, build_objective
 
 torch.set_num_threads(1)
 SIZE, BATCH, BASE = 32, 8, 8

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from scripts.datasets import DataError
+from scripts.data.subjects import DataError
 from scripts.runtime import BundleError, _error_hook, install_error_hook, one_line, project_error
 from tests.safety_data import bundle_command, last_line
 
@@ -23,7 +23,7 @@ def _wrapped(error: Exception) -> RuntimeError:
         try:
             raise error
         except Exception as inner:
-            raise RuntimeError("Failed to instantiate component 'scripts.datasets.SliceDataset'") from inner
+            raise RuntimeError("Failed to instantiate component 'scripts.data.slices.SliceDataset'") from inner
     except RuntimeError as outer:
         return outer
 

@@ -13,8 +13,9 @@ import json
 
 import pytest
 
-from scripts import datasets
-from scripts.datasets import DataError, ensure_dataset
+from scripts.data import datalist as datalists, subjects
+from scripts.data.subjects import DataError
+from scripts.data.datalist import ensure_dataset
 from scripts.runtime import BundleError, as_flag, check_command_line, check_overrides, command_line_keys
 from tests.safety_data import EVALUATE, TRAIN, bundle_command, last_line, write_dataset, write_subject
 
@@ -57,7 +58,7 @@ def test_unknown_key_on_the_real_command_line_is_the_last_line(tmp_path):
 
 def test_a_missing_dataset_dir_is_an_error_unless_a_phantom_is_asked_for(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(datasets, "_generate_phantom", lambda target, options: calls.append(target))
+    monkeypatch.setattr(datalists, "_generate_phantom", lambda target, options: calls.append(target))
     typo = tmp_path / "MICCAI_BraTS_2019_Data_Trainnig"
     with pytest.raises(DataError, match=r"does not exist\. Fix: check the path .*--make_phantom true"):
         ensure_dataset(typo, make_phantom=False)
@@ -68,7 +69,7 @@ def test_a_missing_dataset_dir_is_an_error_unless_a_phantom_is_asked_for(tmp_pat
     with pytest.raises(Exception):  # the stub generated nothing, so no subject is found afterwards
         ensure_dataset(typo, make_phantom="true")
     assert calls == [typo]
-    assert datasets.same_path(tmp_path / "x" / ".." / "data", tmp_path / "data")
+    assert datalists.same_path(tmp_path / "x" / ".." / "data", tmp_path / "data")
     with pytest.raises(BundleError, match="--make_phantom must be true or false"):
         as_flag("maybe", "make_phantom")
 
@@ -79,7 +80,7 @@ def test_a_file_given_as_dataset_dir_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="is a file, not a folder"):
         ensure_dataset(scan, make_phantom=False)
     with pytest.raises(DataError, match="is a file, not a folder.*--files"):
-        datasets.discover_subjects(scan)
+        subjects.discover_subjects(scan)
 
 
 def test_a_datalist_is_not_reused_after_subjects_are_added_or_the_split_changes(tmp_path):

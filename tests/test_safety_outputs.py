@@ -3,7 +3,7 @@
 Subject id `..` wrote outside --output_dir, ids that sanitised to one name (`a b`, `a_b`)
 overwrote each other, and a rerun deleted any `<id>_cam_*.nii.gz` (a user's
 `..._cam_manualedit.nii.gz`) and overwrote earlier results without a word. Now names come
-from `scripts.output_files.file_name` (reversible, collision-free, never outside the folder),
+from `scripts.workflows.output_files.file_name` (reversible, collision-free, never outside the folder),
 a manifest lists what a run wrote (only those files are ever removed) and a rerun into a
 folder with results needs --overwrite true.
 """
@@ -17,9 +17,9 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from scripts.datasets import DataError
-from scripts.inference import find_inputs
-from scripts.output_files import MANIFEST_NAME, check_distinct_names, file_name, subject_id
+from scripts.data.subjects import DataError
+from scripts.workflows.inference import find_inputs
+from scripts.workflows.output_files import MANIFEST_NAME, check_distinct_names, file_name, subject_id
 from scripts.runtime import BundleError, project_error
 from tests.safety_data import INFERENCE, META, REPO, write_subject
 

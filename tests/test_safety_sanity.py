@@ -3,7 +3,7 @@
 Random noise at inference gave 39.8 % of voxels "tumour" with exit 0, an all-zero modality
 trained as if real, a subject with tumour but no brain was dropped without a word, and a
 50-degree oblique header was resliced along the nearest axis silently. These stay warnings
-(not errors), now with the numbers (scripts/sanity.py).
+(not errors), now with the numbers (scripts/data/sanity.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import torch
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor
 
-from scripts.datasets import SliceDataset, VolumeCache, discover_subjects
-from scripts.networks import MultiModalCAM
-from scripts.sanity import mask_warning, oblique_degrees, volume_warnings
+from scripts.data.slices import SliceDataset
+from scripts.data.volumes import VolumeCache
+from scripts.data.subjects import discover_subjects
+from scripts.model.networks import MultiModalCAM
+from scripts.data.sanity import mask_warning, oblique_degrees, volume_warnings
 from tests.safety_data import INFERENCE, META, REPO, SHAPE, write_subject
 
 torch.set_num_threads(1)

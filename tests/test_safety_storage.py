@@ -18,7 +18,7 @@ from ignite.engine import Engine
 from monai.bundle import ConfigWorkflow
 
 from scripts import runtime
-from scripts.handlers import AtomicCheckpointSaver, CheckpointError, ResumeFromCheckpoint, RunSettings
+from scripts.workflows.checkpoints import AtomicCheckpointSaver, CheckpointError, ResumeFromCheckpoint, RunSettings
 from scripts.runtime import StorageError, check_free_space, check_writable, project_error
 from tests.safety_data import META, REPO, TINY_TRAIN, TRAIN, write_dataset
 

@@ -1,0 +1,111 @@
+"""Warnings (not errors) about inputs that load fine but are unlikely to be what the user meant.
+
+Each warning says what was measured, with the numbers, and what it means for the run:
+
+- a modality that is constant (e.g. all zero): its network learns / sees nothing;
+- no brain-like foreground (almost no non-zero voxel) while the seg marks tumour: the
+  subject's slices are left out of training;
+- no zero background (> `MAX_FOREGROUND` of the volume non-zero): the training data are
+  skull-stripped with a zero background (BraTS, the phantom); random noise or a volume that
+  is not skull-stripped looks like this and gets unreliable maps;
+- an oblique affine: the angle between the voxel axes and the nearest world axes (the
+  volume is reoriented along the nearest axes, not resampled);
+- at inference, a mask covering more than `MAX_TUMOUR_FRACTION` of the foreground: whole
+  tumours in BraTS cover well under that, so such a mask means the input is unlike the
+  training data.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+OBLIQUE_DEGREES = 1.0  # below this an affine counts as axis-aligned (scanner rounding)
+MIN_FOREGROUND = 0.005  # fraction of the volume; a skull-stripped brain fills ~10-30 %
+MAX_FOREGROUND = 0.9
+MAX_TUMOUR_FRACTION = 0.3  # of the foreground
+
+
+def oblique_degrees(affine) -> float:
+    """Largest angle (degrees) between a voxel axis of `affine` and its nearest world axis."""
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(matrix, axis=0)
+    norms[norms == 0] = 1.0
+    cosines = np.abs(matrix / norms).max(axis=0).clip(0.0, 1.0)
+    return float(np.degrees(np.arccos(cosines)).max())
+
+
+def _emit(messages: list[str]) -> list[str]:
+    for message in messages:
+        logger.warning(message)
+    return messages
+
+
+def volume_warnings(volumes: Mapping[str, torch.Tensor], files: Mapping[str, str], subject: str,
+                    seg: torch.Tensor | None = None, log: bool = True) -> list[str]:
+    """Warnings about one subject's raw volumes ({modality: (1, X, Y, Z)}, all on one grid).
+
+    Args:
+        volumes: the loaded modalities (before any normalisation).
+        files: {modality: path}, for the messages.
+        subject: the subject id, for the messages.
+        seg: the label map, when there is one.
+        log: also log each warning (logger `scripts.data.sanity`).
+    """
+    messages = []
+    foreground = None
+    for modality, volume in volumes.items():
+        data = torch.as_tensor(volume)
+        low, high = float(data.min()), float(data.max())
+        if low == high:
+            messages.append(f"subject {subject}: {modality} file {files.get(modality)} is constant (every voxel = "
+                            f"{low:g}); its network gets no information from it. Check the file (a failed "
+                            f"conversion or an empty export?).")
+        nonzero = (data != 0).reshape(data.shape[-3:]) if data.ndim >= 3 else data != 0
+        foreground = nonzero if foreground is None else foreground | nonzero
+    if foreground is not None:
+        fraction = float(foreground.float().mean())
+        tumour = int((torch.as_tensor(seg) > 0).sum()) if seg is not None else 0
+        if fraction < MIN_FOREGROUND:
+            dropped = f"; the seg marks {tumour} tumour voxels, but these slices are left out of training" if tumour else ""
+            messages.append(f"subject {subject}: no brain-like foreground: {100 * fraction:.2f} % of the voxels are "
+                            f"non-zero (a skull-stripped brain fills about 10-30 %){dropped}. Check the images.")
+        elif fraction > MAX_FOREGROUND:
+            messages.append(f"subject {subject}: {100 * fraction:.1f} % of the voxels are non-zero (no zero "
+                            f"background); the model was trained on skull-stripped volumes with a zero background, "
+                            f"so its maps of this input (noise, or not skull-stripped?) are unreliable.")
+    first = next(iter(volumes), None)
+    affine = getattr(volumes[first], "affine", None) if first is not None else None
+    if affine is not None:
+        angle = oblique_degrees(affine)
+        if angle > OBLIQUE_DEGREES:
+            messages.append(f"subject {subject}: {first} file {files.get(first)} has an oblique affine (voxel axes "
+                            f"{angle:.1f} degrees from the nearest world axes); it is used along the nearest axes "
+                            f"without resampling (outputs keep its own grid and affine).")
+    return _emit(messages) if log else messages
+
+
+def mask_warning(mask: torch.Tensor, foreground: torch.Tensor, subject: str, log: bool = True) -> list[str]:
+    """A warning when `mask` covers more than MAX_TUMOUR_FRACTION of `foreground` (same shape).
+
+    Args:
+        mask: the binary tumour mask.
+        foreground: the voxels with brain (non-zero input).
+        subject: the subject id, for the message.
+        log: also log the warning.
+    """
+    inside = int(torch.as_tensor(foreground).bool().sum())
+    if inside == 0:
+        return []
+    fraction = int((torch.as_tensor(mask).bool() & torch.as_tensor(foreground).bool()).sum()) / inside
+    if fraction <= MAX_TUMOUR_FRACTION:
+        return []
+    message = (f"subject {subject}: the mask covers {100 * fraction:.1f} % of the brain (whole tumours cover less "
+               f"than {100 * MAX_TUMOUR_FRACTION:.0f} %); the input is probably unlike the training data (another "
+               f"contrast, intensity scale or noise). Do not trust this mask.")
+    return _emit([message]) if log else [message]

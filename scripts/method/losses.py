@@ -1,0 +1,304 @@
+"""The method's loss terms (Patel & Dolz, Eqs. 2-8) and the lambda_E(t) schedules.
+
+Notation per modality network k, for one minibatch:
+  maps_o[k]  raw output maps of the original view          (B, 2, H, W)
+  maps_t[k]  raw output maps of the transformed view pi(x) (B, 2, H', W')
+  M_k        max-normalised tumour CAM of the original view
+  M~_k       max-normalised tumour CAM of the transformed view
+  pi(M_k)    M_k moved by the same transform as the images
+
+Defaults reproduce the paper; where the paper is silent they follow the authors' code
+(official-code-facts.md). Every deviation is a named switch in `ObjectiveConfig`.
+Everything taken from a partner modality j is detached, so each network's gradient
+depends only on its own loss and one backward over the summed losses is exact.
+
+No MONAI loss fits here: the terms compare two networks' CAMs under a spatial transform
+and need the per-sample label and partner-prediction masks of the authors' method.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+
+from scripts.common import TUMOUR_CHANNEL
+from scripts.model.cams import max_normalise
+
+REDUCTIONS = ("mean", "per_sample_sum")
+SCHEDULES = ("paper", "sigmoid", "polynomial", "constant")
+CMER_NORMALISE = ("before_transform", "after_transform")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Switches and weights of the objective. Defaults = the paper (Eq. 8)."""
+
+    use_er: bool = True  # L_ER, Eq. 2
+    use_kd: bool = True  # L_KD, Eq. 3 (needs K >= 2)
+    use_cmer: bool = True  # L_CMER, Eq. 4 (needs K >= 2)
+    lambda_kd: float = 0.5
+    kd_temperature: float = 1.0  # Eq. 3 has none; the authors' code used 10
+    # The authors' code reduced the squared maps over N*H*W ("mean"); "per_sample_sum"
+    # is the squared L2 norm of Eq. 2/4 per sample, averaged over the samples it applies to.
+    reduction: str = "mean"
+    er_positive_only: bool = True  # code: L_ER only on tumour slices (y = 1)
+    cmer_partner_mask: bool = True  # code: only where partner j predicts tumour on that view
+    cmer_positive_only: bool = True  # code: mask includes y = 1
+    cmer_normalise: str = "before_transform"  # Eq. 4: pi(M / ||M||); code: pi(M) / ||pi(M)||
+    mask_out_of_field: bool = False  # improvement: ignore pixels pi brought in from outside
+    # Run the transformed view even without ER/CMER (L_C and L_KD then use both views, as
+    # in the siamese ablations of Table III); None = only when ER or CMER needs it.
+    two_views: bool | None = None
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.cmer_normalise not in CMER_NORMALISE:
+            raise ValueError(f"cmer_normalise must be one of {CMER_NORMALISE}, got {self.cmer_normalise!r}")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "ObjectiveConfig":
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown objective option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    @property
+    def needs_transform(self) -> bool:
+        if self.two_views is not None:
+            return bool(self.two_views)
+        return self.use_er or self.use_cmer
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def lambda_e(epoch: float, schedule: str = "paper", rampup_epochs: float = 15.0, gamma: float = 2.0,
+             value: float = 1.0) -> float:
+    """Weight of the equivariance terms at (1-based) epoch t.
+
+    paper:      exp(-(t - T)^2) for t < T, 1 after (Section IV-C, T = 15)
+    sigmoid:    exp(-5 (1 - t/T)^2) for t < T, 1 after (the usual sigmoid-shaped ramp-up)
+    polynomial: min(1, (t / T)^gamma) (the authors' older code, with t = epoch + 1 there)
+    constant:   1 (the authors' released code)
+    Every form is multiplied by `value` (the plateau).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lambda_E schedule must be one of {SCHEDULES}, got {schedule!r}")
+    t, big_t = float(epoch), float(rampup_epochs)
+    if schedule == "constant" or big_t <= 0 or t >= big_t:
+        return float(value)
+    if schedule == "paper":
+        weight = math.exp(-((t - big_t) ** 2))
+    elif schedule == "sigmoid":
+        weight = math.exp(-5.0 * (1.0 - max(t, 0.0) / big_t) ** 2)
+    else:
+        weight = min(1.0, (max(t, 0.0) / big_t) ** gamma)
+    return float(value) * weight
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def tumour_cam(maps: torch.Tensor) -> torch.Tensor:
+    """Max-normalised tumour CAM (B, 1, H, W) with the authors' normaliser (differentiable)."""
+    return max_normalise(maps[:, TUMOUR_CHANNEL:TUMOUR_CHANNEL + 1])
+
+
+def l2_normalise(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Divide each sample's map by its L2 norm over (H, W) (Eq. 4)."""
+    norm = maps.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (maps.dim() - 1)))
+    return maps / (norm + eps)
+
+
+def reduce_squared(diff_sq: torch.Tensor, sample_weight: torch.Tensor | None, valid: torch.Tensor | None,
+                   reduction: str) -> torch.Tensor:
+    """Reduce a (B, 1, H, W) squared difference to a scalar.
+
+    sample_weight (B,) selects samples (labels, partner predictions); valid (B, 1, H, W)
+    marks in-field pixels. "mean" divides by all N*H*W pixels (in-field ones when valid is
+    given) as the authors' code did; "per_sample_sum" sums each sample's pixels and averages
+    over the samples with non-zero weight.
+    """
+    weighted = diff_sq
+    if valid is not None:
+        weighted = weighted * valid
+    if sample_weight is not None:
+        weighted = weighted * sample_weight.view(-1, 1, 1, 1)
+    # Counts known on the host stay Python numbers: a tensor made on the host and copied to a
+    # GPU would wait for the queued forward (a hidden sync) in every loss term.
+    if reduction == "mean":
+        if valid is not None:
+            return weighted.sum() / valid.sum().clamp_min(1.0)
+        return weighted.sum() / max(float(diff_sq.numel()), 1.0)
+    if sample_weight is not None:
+        return weighted.sum() / sample_weight.sum().clamp_min(1.0)
+    return weighted.sum() / max(float(diff_sq.shape[0]), 1.0)
+
+
+# ----------------------------------------------------------------------------- terms
+
+
+def classification_loss(logits_o: torch.Tensor, logits_t: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+    """L_C, Eq. 5: cross-entropy on both views, averaged (original view only if no transform)."""
+    loss = F.cross_entropy(logits_o, labels)
+    if logits_t is None:
+        return loss
+    return 0.5 * (loss + F.cross_entropy(logits_t, labels))
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(z_teacher/T) || softmax(z_student/T)), batch mean; teacher detached."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
+    kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def kd_loss(logits_o: torch.Tensor, partner_logits_o: torch.Tensor, logits_t: torch.Tensor | None,
+            partner_logits_t: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
+    """L_KD(k, j), Eq. 3: distil partner j's posteriors into k on both views."""
+    loss = kl_to_teacher(logits_o, partner_logits_o, temperature)
+    if logits_t is None:
+        return loss
+    return 0.5 * (loss + kl_to_teacher(logits_t, partner_logits_t, temperature))
+
+
+def er_loss(pi_cam_o: torch.Tensor, cam_t: torch.Tensor, labels: torch.Tensor, cfg: ObjectiveConfig,
+            valid: torch.Tensor | None = None) -> torch.Tensor:
+    """L_ER, Eq. 2: || pi(M_k) - M~_k ||^2 (gradients flow through both branches)."""
+    weight = labels.to(cam_t.dtype) if cfg.er_positive_only else None
+    return reduce_squared((pi_cam_o - cam_t) ** 2, weight, valid if cfg.mask_out_of_field else None, cfg.reduction)
+
+
+def cmer_loss(own_pi_o: torch.Tensor, own_t: torch.Tensor, partner_pi_o: torch.Tensor, partner_t: torch.Tensor,
+              labels: torch.Tensor, partner_pred_o: torch.Tensor, partner_pred_t: torch.Tensor,
+              cfg: ObjectiveConfig, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """L_CMER(k, j), Eq. 4, on L2-normalised maps; partner j's maps are detached.
+
+    own_pi_o / partner_pi_o: pi(M) of the original view (already L2-normalised as cfg says),
+    own_t / partner_t: M~ of the transformed view (L2-normalised here).
+    Term 1 compares k's pi(M_k) with j's M~_j (masked by j's prediction on the transformed
+    view); term 2 compares k's M~_k with j's pi(M_j) (masked by j's prediction on the
+    original view), as in the authors' code.
+    """
+    own_t = l2_normalise(own_t, cfg.eps)
+    partner_t = l2_normalise(partner_t, cfg.eps).detach()
+    partner_pi_o = partner_pi_o.detach()
+    base = labels.to(own_t.dtype) if cfg.cmer_positive_only else torch.ones_like(labels, dtype=own_t.dtype)
+    weight_1 = base * partner_pred_t.to(own_t.dtype) if cfg.cmer_partner_mask else base
+    weight_2 = base * partner_pred_o.to(own_t.dtype) if cfg.cmer_partner_mask else base
+    valid = valid if cfg.mask_out_of_field else None
+    term_1 = reduce_squared((own_pi_o - partner_t) ** 2, weight_1, valid, cfg.reduction)
+    term_2 = reduce_squared((own_t - partner_pi_o) ** 2, weight_2, valid, cfg.reduction)
+    return 0.5 * (term_1 + term_2)
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+@dataclass
+class ObjectiveOutput:
+    total: torch.Tensor  # sum over modalities of L(Theta_k): one backward trains all K nets
+    per_modality: dict = field(default_factory=dict)  # modality -> {term: tensor}
+
+
+class CMERObjective:
+    """Eq. 8 for K modality networks: L_C + lambda_KD * mean_j L_KD + lambda_E (L_ER + mean_j L_CMER)."""
+
+    def __init__(self, config: ObjectiveConfig | dict | None = None):
+        self.config = config if isinstance(config, ObjectiveConfig) else ObjectiveConfig.from_dict(config)
+
+    @property
+    def needs_transform(self) -> bool:
+        return self.config.needs_transform
+
+    def __call__(self, modalities, maps_o, maps_t, labels, transform=None, lambda_e_value: float = 1.0,
+                 mask=None, only=None) -> ObjectiveOutput:
+        """`only` (indices of modalities) limits the losses computed, for a per-network backward."""
+        cfg = self.config
+        k_count = len(modalities)
+        logits_o = [m.mean(dim=(2, 3)) for m in maps_o]
+        logits_t = [m.mean(dim=(2, 3)) for m in maps_t] if maps_t is not None else [None] * k_count
+        cross = k_count > 1 and (cfg.use_kd or cfg.use_cmer)
+
+        cams_o = cams_t = pi_cams = pi_cams_l2 = valid = None
+        if maps_t is not None and (cfg.use_er or (cfg.use_cmer and k_count > 1)):
+            cams_o = [tumour_cam(m) for m in maps_o]
+            cams_t = [tumour_cam(m) for m in maps_t]
+            pi_cams = [transform.apply(c) for c in cams_o]
+            if cfg.use_cmer and k_count > 1:
+                if cfg.cmer_normalise == "before_transform":
+                    pi_cams_l2 = [transform.apply(l2_normalise(c, cfg.eps)) for c in cams_o]
+                else:
+                    pi_cams_l2 = [l2_normalise(c, cfg.eps) for c in pi_cams]
+            if cfg.mask_out_of_field:
+                valid = transform.valid_mask(dtype=cams_t[0].dtype, device=cams_t[0].device)
+        preds_o = [lo.argmax(dim=1) == TUMOUR_CHANNEL for lo in logits_o] if cross else None
+        preds_t = [lt.argmax(dim=1) == TUMOUR_CHANNEL for lt in logits_t] if cross and maps_t is not None else None
+
+        per_modality, total = {}, 0.0
+        for k, name in enumerate(modalities):
+            if only is not None and k not in only:
+                continue
+            terms = {"L_C": classification_loss(logits_o[k], logits_t[k], labels)}
+            loss = terms["L_C"]
+            partners = [j for j in range(k_count) if j != k]
+            if cfg.use_kd and partners:
+                terms["L_KD"] = sum(
+                    kd_loss(logits_o[k], logits_o[j], logits_t[k], logits_t[j], cfg.kd_temperature) for j in partners
+                ) / len(partners)
+                loss = loss + cfg.lambda_kd * terms["L_KD"]
+            equivariance = 0.0
+            if cfg.use_er and cams_t is not None:
+                terms["L_ER"] = er_loss(pi_cams[k], cams_t[k], labels, cfg, valid)
+                equivariance = equivariance + terms["L_ER"]
+            if cfg.use_cmer and partners and pi_cams_l2 is not None:
+                terms["L_CMER"] = sum(
+                    cmer_loss(pi_cams_l2[k], cams_t[k], pi_cams_l2[j], cams_t[j], labels, preds_o[j], preds_t[j],
+                              cfg, valid)
+                    for j in partners
+                ) / len(partners)
+                equivariance = equivariance + terms["L_CMER"]
+            if torch.is_tensor(equivariance):
+                loss = loss + lambda_e_value * equivariance
+            terms["loss"] = loss
+            per_modality[name] = terms
+            total = total + loss
+        return ObjectiveOutput(total=total, per_modality=per_modality)
+
+
+class FullSupervisionObjective:
+    """Upper bound of Table II: the same backbone trained on the masks with Dice + CE.
+
+    MONAI's DiceCELoss on the 2-channel maps (softmax), one per modality network.
+    """
+
+    needs_transform = False
+
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0):
+        from monai.losses import DiceCELoss
+
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+
+    def __call__(self, modalities, maps_o, maps_t, labels, transform=None, lambda_e_value: float = 1.0,
+                 mask=None, only=None) -> ObjectiveOutput:
+        if mask is None:
+            raise ValueError("full supervision needs the batch's 'mask' (pixel labels)")
+        target = (mask > 0.5).long()
+        per_modality, total = {}, 0.0
+        for k, name in enumerate(modalities):
+            if only is not None and k not in only:
+                continue
+            loss = self.loss(maps_o[k], target)
+            per_modality[name] = {"L_DiceCE": loss, "loss": loss}
+            total = total + loss
+        return ObjectiveOutput(total=total, per_modality=per_modality)

@@ -1,0 +1,193 @@
+"""Checkpoint handlers: an atomic saver, a resume that also starts fresh, the run's settings.
+
+- `AtomicCheckpointSaver`: MONAI's CheckpointSaver writes with `atomic=False` and, with a
+  fixed filename, deletes the old file before writing the new one; a kill in between
+  loses the checkpoint. This subclass keeps MONAI's logic and swaps in a saver that
+  writes a temporary file and renames it over the old one.
+- `ResumeFromCheckpoint`: MONAI's CheckpointLoader, skipped when no checkpoint exists yet,
+  so the same config starts fresh or resumes.
+- `RunSettings`: the network settings a resumed run must share with the checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ignite.engine import Engine
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
+
+from scripts.common import atomic_path
+from scripts.runtime import BundleError
+
+
+class CheckpointError(BundleError):
+    """A checkpoint that cannot be resumed from; the message names the file and the fix."""
+
+
+class _AtomicDiskSaver(DiskSaver):
+    """Ignite DiskSaver with an optional fixed filename and atomic replacement."""
+
+    def __init__(self, dirname: str, filename: str | None = None):
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
+
+    def __call__(self, checkpoint, filename, metadata=None) -> None:
+        super().__call__(checkpoint=checkpoint, filename=self.filename or filename, metadata=metadata)
+
+    def _save_func(self, checkpoint, path, func) -> None:
+        # ignite closes (flushes) its temp file outside its try block, so a full disk left the
+        # temp file behind; atomic_path removes it on any failure and sets mode 0644.
+        with atomic_path(path) as tmp:
+            func(checkpoint, tmp, **self.kwargs)
+
+    def remove(self, filename: str) -> None:
+        # With a fixed name the new file atomically replaces the old one: removing it first
+        # (ignite's order) would leave a window with no checkpoint at all.
+        if self.filename is None:
+            super().remove(filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI CheckpointSaver whose files are written atomically.
+
+    `interval_filename` gives the interval checkpoint a fixed name (e.g. "last.pt") so a
+    killed run can be resumed from a known path.
+
+    Args:
+        save_dir: folder of the checkpoint files.
+        save_dict: name -> object with state_dict (one entry: the file is that state dict).
+        interval_filename: fixed name of the interval checkpoint (None: MONAI's names).
+        kwargs: MONAI CheckpointSaver options (save_interval, save_key_metric, key_metric_filename, ...).
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, interval_filename: str | None = None, **kwargs):
+        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        fixed_names = {
+            "_final_checkpoint": kwargs.get("final_filename"),
+            "_key_metric_checkpoint": kwargs.get("key_metric_filename"),
+            "_interval_checkpoint": interval_filename,
+        }
+        for attribute, filename in fixed_names.items():
+            checkpoint = getattr(self, attribute, None)
+            if checkpoint is not None:
+                checkpoint.save_handler = _AtomicDiskSaver(save_dir, filename)
+        if interval_filename is not None and self._interval_checkpoint is not None:
+            self._interval_checkpoint.n_saved = 1
+
+    def state_dict(self) -> dict:
+        """The best-metric tracking list, so a resumed run keeps the true best model."""
+        checkpoint = self._key_metric_checkpoint
+        return checkpoint.state_dict() if checkpoint is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            super().load_state_dict(state_dict)
+
+
+class RunSettings:
+    """Settings a checkpoint can only be resumed with (network shape), saved inside it.
+
+    Listed first in the checkpoint objects, so a resume with other settings stops with one
+    line naming the differing keys instead of a state-dict size mismatch per tensor.
+
+    Args:
+        settings: name -> value, e.g. modalities, backbone, base_channels.
+    """
+
+    def __init__(self, **settings):
+        self.settings = {k: _plain(v) for k, v in settings.items()}
+
+    def state_dict(self) -> dict:
+        return dict(self.settings)
+
+    def differences(self, stored: dict) -> list[str]:
+        return [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in self.settings.items() if k in stored and stored[k] != v]
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.differences(state):
+            raise CheckpointError(f"the checkpoint was written with other settings ({'; '.join(self.differences(state))}).")
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+class ResumeFromCheckpoint(CheckpointLoader):
+    """Resume from `load_path` when it exists; start fresh (and say so) when it does not.
+
+    A file that cannot be read, or that was written with other network settings, stops the
+    run before epoch 1 with one line naming the file, the differing keys and the fix; other
+    files (e.g. models/model.pt) are never touched.
+
+    Args:
+        load_path: the checkpoint to resume from (e.g. models/last.pt).
+        load_dict: name -> object to restore (the checkpoint objects of train.yaml).
+        enabled: False skips resuming.
+        kwargs: MONAI CheckpointLoader options (map_location, strict, ...).
+    """
+
+    def __init__(self, load_path: str, load_dict: dict, enabled: bool = True, **kwargs):
+        super().__init__(load_path=str(load_path), load_dict=load_dict, **kwargs)
+        self.enabled = enabled
+
+    def _fix(self) -> str:
+        return (f"Fix: delete it or use another --ckpt_dir (to resume, pass the settings of the run that wrote it); "
+                f"{Path(self.load_path).parent / 'model.pt'} is not touched.")
+
+    def _read(self) -> dict:
+        import torch
+
+        try:
+            checkpoint = torch.load(self.load_path, map_location=self.map_location, weights_only=True)
+        except Exception as err:  # zip errors, EOFError, unpickling errors, ...
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise CheckpointError(f"checkpoint {self.load_path} is unreadable ({type(err).__name__}: {first}); it is "
+                                  f"truncated or corrupt (a full disk, or a copy cut short). {self._fix()}") from err
+        if not isinstance(checkpoint, dict):
+            raise CheckpointError(f"checkpoint {self.load_path} holds a {type(checkpoint).__name__}, not a training "
+                                  f"checkpoint. {self._fix()}")
+        return checkpoint
+
+    def _check_compatible(self, checkpoint: dict) -> None:
+        import torch
+
+        problems = []
+        for key, obj in self.load_dict.items():
+            if key not in checkpoint:
+                continue
+            if isinstance(obj, RunSettings):
+                problems += obj.differences(checkpoint[key])
+            elif isinstance(obj, torch.nn.Module) and not problems:
+                own, stored = obj.state_dict(), checkpoint[key]
+                tensors = [n for n in set(own) & set(stored) if n != "_extra_state"]  # settings: RunSettings above
+                names = sorted((set(own) ^ set(stored)) - {"_extra_state"}) + sorted(
+                    n for n in tensors if tuple(own[n].shape) != tuple(stored[n].shape))
+                if names:
+                    problems.append(f"{len(names)} tensors of {key!r} differ, e.g. {', '.join(names[:3])}")
+        if problems:
+            raise CheckpointError(f"checkpoint {self.load_path} was written with other network settings: "
+                                  f"{'; '.join(problems)}. {self._fix()}")
+
+    def __call__(self, engine: Engine) -> None:
+        from ignite.handlers import Checkpoint
+
+        if not self.enabled:
+            return
+        if not Path(self.load_path).is_file():
+            self.logger.info(f"no checkpoint at {self.load_path}: starting a new run")
+            return
+        checkpoint = self._read()
+        self._check_compatible(checkpoint)
+        # Objects a checkpoint of an earlier version lacks (e.g. run_settings) keep their state.
+        to_load = {k: v for k, v in self.load_dict.items() if k in checkpoint}
+        prior_max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint, strict=self.strict)
+        if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
+            raise CheckpointError(f"checkpoint {self.load_path} is at epoch {engine.state.epoch}, past --epochs "
+                                  f"{prior_max_epochs}. Fix: pass a larger --epochs to train on, or another --ckpt_dir.")
+        engine.state.max_epochs = prior_max_epochs
+        self.logger.info(f"resumed at epoch {engine.state.epoch}, iteration {engine.state.iteration}")

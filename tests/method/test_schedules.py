@@ -1,0 +1,54 @@
+"""Learning-rate schedule of the modality optimisers and class-balanced slice sampling."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from ignite.engine import Engine
+
+from scripts.data.sampling import slice_sampler
+from scripts.method.schedules import ModalityLRSchedule, lr_factor
+
+
+def test_lr_factor_warmup_then_cosine():
+    assert lr_factor(0.0, 0.1, "cosine", 0.0, 0.1) == pytest.approx(0.1)
+    assert lr_factor(0.05, 0.1, "cosine", 0.0, 0.1) == pytest.approx(0.55)
+    assert lr_factor(0.1, 0.1, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(0.55, 0.1, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_factor(1.0, 0.1, "cosine", 0.2) == pytest.approx(0.2)
+    assert lr_factor(0.7, 0.0, "constant") == 1.0  # the paper: constant
+    with pytest.raises(ValueError):
+        lr_factor(0.5, 0.0, "step")
+
+
+def test_schedule_drives_every_optimiser_and_follows_iterations():
+    nets = [torch.nn.Linear(2, 1) for _ in range(3)]
+    optimizers = types.SimpleNamespace(optimizers=[torch.optim.AdamW(n.parameters(), lr=1.0) for n in nets])
+    schedule = ModalityLRSchedule(optimizers, lr=0.01, warmup_epochs=1, decay="cosine", min_lr_ratio=0.0)
+    seen = []
+    engine = Engine(lambda e, b: seen.append([o.param_groups[0]["lr"] for o in optimizers.optimizers]))
+    schedule.attach(engine)
+    engine.run(range(5), max_epochs=4)  # 20 iterations, warm-up over the first 5
+    assert all(len(set(lrs)) == 1 for lrs in seen)  # every network gets the same lr
+    first = [lrs[0] for lrs in seen]
+    assert first[0] == pytest.approx(0.001)  # warm-up starts at 0.1 * lr
+    assert max(first) == pytest.approx(0.01, rel=0.02)
+    assert first[-1] == pytest.approx(0.0, abs=1e-9)  # cosine ends at min_lr_ratio * lr
+    assert all(a <= b + 1e-12 for a, b in zip(first[:4], first[1:5]))  # rising during the warm-up
+    assert all(a >= b - 1e-12 for a, b in zip(first[5:-1], first[6:]))  # falling afterwards
+    # The value depends only on the iteration: a resumed run continues on the same curve.
+    engine.state.iteration = 11
+    assert schedule.current_lr(engine) == pytest.approx(first[10])
+
+
+def test_balanced_sampler_draws_both_classes_equally():
+    dataset = types.SimpleNamespace(labels=torch.tensor([1] * 10 + [0] * 90))
+    assert slice_sampler(dataset, balanced=False) is None
+    sampler = slice_sampler(dataset, balanced=True, seed=3)
+    drawn = torch.tensor(list(sampler))
+    assert len(drawn) == 100
+    positives = float(dataset.labels[drawn].float().mean())
+    assert 0.35 < positives < 0.65  # 10 % of the slices, about half of the draws
+    assert torch.equal(drawn, torch.tensor(list(slice_sampler(dataset, balanced=True, seed=3))))

@@ -1,0 +1,209 @@
+"""Stage 2 (configs/stage2.yaml, configs/stage2_inference.yaml): a tiny end-to-end run, the proof
+that the pseudo-masks read no ground truth, export and inference of the stage-2 network, and
+the small pieces (refinement, ignore label, recorded settings)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from scripts.data.volumes import VolumeCache
+from scripts.data.subjects import load_datalist
+from scripts.runtime import BundleError, MissingCheckpoint, project_error
+from scripts.stage2.model import IgnoreDiceCELoss, Stage2Net, build_from_checkpoint, recorded_setting
+from scripts.stage2.pseudo_labels import IGNORE_LABEL, PseudoMaskCache, Stage2VolumeDataset, refine_labels
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[2]
+META = str(REPO / "configs/metadata.json")
+# a tiny phantom at coarse spacing, base 4, one epoch: stage 1 then stage 2 in well under a minute
+TINY = {"make_phantom": True, "phantom#subjects": 6, "phantom#spacing": 6.0, "spatial_size": [40, 40],
+        "split": [2, 2, 2], "batch_size": 8}
+
+
+def _workflow(files, run_id, **settings) -> ConfigWorkflow:
+    return ConfigWorkflow(config_file=[str(REPO / f) for f in files], run_id=run_id, meta_file=META,
+                          logging_file=False, bundle_root=str(REPO), device="$torch.device('cpu')", **settings)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny phantom, a one-epoch CMER model and a one-epoch stage-2 model (the documented commands)."""
+    root = tmp_path_factory.mktemp("stage2")
+    common = {"dataset_dir": str(root / "data"), "cache_dir": str(root / "cache"), "ckpt_dir": str(root / "models"),
+              **TINY}
+    stage1 = _workflow(["configs/train.yaml"], "training", output_dir=str(root / "runs"), epochs=1, base_channels=4,
+                       **common)
+    stage1.initialize()
+    stage1.run()
+    stage1.finalize()
+    stage2 = _workflow(["configs/train.yaml", "configs/stage2.yaml"], "training", output_dir=str(root / "stage2"),
+                       stage2_epochs=1, stage2_base_channels=4, stage2_batch_size=8, **common)
+    stage2.initialize()
+    stage2.run()
+    stage2.finalize()
+    return {"root": root, "workflow": stage2, **common}
+
+
+def test_tiny_stage2_run_trains_saves_the_best_model_and_reports(trained):
+    root = trained["root"]
+    model = root / "models" / "stage2_model.pt"
+    assert model.is_file() and (root / "models" / "model.pt").is_file()
+    net = build_from_checkpoint(model)
+    assert net.settings.modalities == ["t1", "t1c", "t2", "flair"] and net.settings.spatial_size == [40, 40]
+    assert net.settings.spacing == [6.0, 6.0, 6.0]
+    report = (root / "stage2" / "stage2_report.md").read_text()
+    for row in ("| pseudo_raw |", "| pseudo_refined |", "| largest_component_volume |", "| confidence_filter |",
+                "| stage1 |", "| stage2 |"):
+        assert row in report
+    rows = (root / "stage2" / "stage2_per_subject.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2 + 2 * 3 + 2 * 2  # header; 2 training x (2 pseudo + 3 switch) rows; 2 test x 2
+    pseudo = list((Path(trained["cache_dir"]) / "stage2_pseudo").glob("*.fused.npy"))
+    assert len(pseudo) == 4  # training + validation subjects; never the test split
+    test_subjects = {r["subject"] for r in load_datalist(Path(trained["dataset_dir"]) / "datalist.json", "testing")}
+    assert not any(p.name.startswith(tuple(test_subjects)) for p in pseudo)
+
+
+def test_pseudo_masks_read_no_ground_truth(trained, tmp_path):
+    """Scrambled training segmentations give identical pseudo-masks (and the same cache key)."""
+    data = tmp_path / "data"
+    shutil.copytree(trained["dataset_dir"], data)
+    records = load_datalist(data / "datalist.json", "training")
+    model = Path(trained["ckpt_dir"]) / "model.pt"
+
+    def pseudo_masks(tag):
+        volumes = VolumeCache(tmp_path / f"cache_{tag}", spatial_size=[40, 40], spacing=6.0)
+        cache = PseudoMaskCache(tmp_path / f"pseudo_{tag}", model, volumes, gate=False)  # ungated: non-trivial maps
+        return [cache.fused(r) for r in records], [cache.key(r) for r in records], volumes, cache
+
+    before, keys_before, volumes_before, _ = pseudo_masks("before")
+    truth_before = volumes_before.get(records[0])["mask"].clone()
+    rng = np.random.default_rng(0)
+    for record in records:  # scramble: random labels, same grid and file format
+        seg = nib.load(record["seg"])
+        scrambled = rng.integers(0, 5, size=seg.shape).astype(np.uint8)
+        nib.save(nib.Nifti1Image(scrambled, seg.affine), record["seg"])
+    after, keys_after, volumes_after, cache = pseudo_masks("after")
+    assert cache.computed == len(records)  # computed again from scratch, not read back
+    assert keys_before == keys_after
+    for a, b in zip(before, after):
+        assert a.max() > 0 and np.array_equal(a, b)
+    truth_after = volumes_after.get(records[0])["mask"]
+    assert not torch.equal(truth_before, truth_after)  # the scramble did change the ground truth
+
+
+def test_stage2_model_exports_to_torchscript_and_runs_through_inference(trained, tmp_path):
+    from monai.bundle.scripts import ckpt_export
+
+    model = Path(trained["ckpt_dir"]) / "stage2_model.pt"
+    files = [str(REPO / "configs/inference.yaml"), str(REPO / "configs/stage2_inference.yaml")]
+    ckpt_export(net_id="stage2_network_def", filepath=str(tmp_path / "stage2.ts"), ckpt_file=str(model),
+                meta_file=META, config_file=files, bundle_root=str(REPO), stage2_ckpt_path=str(model),
+                ckpt_path=str(tmp_path / "absent.pt"))
+    scripted = torch.jit.load(str(tmp_path / "stage2.ts"))
+    eager = build_from_checkpoint(model)
+    x = torch.randn(2, 4, 40, 40)
+    assert torch.allclose(scripted(x), eager(x), atol=1e-5)
+
+    subject = next(Path(trained["dataset_dir"]).glob("*/Phantom_*"))
+    out = tmp_path / "out"
+    workflow = ConfigWorkflow(config_file=files, meta_file=META, workflow_type="infer", logging_file=False,
+                              bundle_root=str(REPO), device="$torch.device('cpu')", dataset_dir=str(subject),
+                              output_dir=str(out), ckpt_path=str(Path(trained["ckpt_dir"]) / "model.pt"),
+                              stage2_ckpt_path=str(model))
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    folder = out / subject.name
+    written = nib.load(folder / f"{subject.name}_stage2_mask.nii.gz")
+    source = nib.load(next(subject.glob("*_t1.nii.gz")))
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)  # the input's exact grid
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
+    assert (folder / f"{subject.name}_mask.nii.gz").is_file()  # beside the CAM mask
+    assert (folder / f"{subject.name}_stage2_prob.nii.gz").is_file()
+
+
+def test_stage2_only_serving_needs_no_cam_checkpoint(trained, tmp_path):
+    model = Path(trained["ckpt_dir"]) / "stage2_model.pt"
+    subject = next(Path(trained["dataset_dir"]).glob("*/Phantom_*"))
+    workflow = ConfigWorkflow(config_file=[str(REPO / "configs/inference.yaml"), str(REPO / "configs/stage2_inference.yaml")],
+                              meta_file=META, workflow_type="infer", logging_file=False, bundle_root=str(REPO),
+                              device="$torch.device('cpu')", dataset_dir=str(subject), output_dir=str(tmp_path / "o"),
+                              ckpt_path=str(tmp_path / "absent.pt"), stage2_ckpt_path=str(model), serve="stage2")
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    written = sorted(p.name for p in (tmp_path / "o" / subject.name).iterdir())
+    assert written == [f"{subject.name}_stage2_mask.nii.gz", f"{subject.name}_stage2_prob.nii.gz"]
+
+
+def test_stage2_without_a_cmer_model_stops_with_the_fix(tmp_path):
+    workflow = _workflow(["configs/train.yaml", "configs/stage2.yaml"], "training", dataset_dir=str(tmp_path / "d"),
+                         cache_dir=str(tmp_path / "c"), ckpt_dir=str(tmp_path / "m"), output_dir=str(tmp_path / "o"),
+                         **TINY)
+    with pytest.raises(Exception) as raised:
+        workflow.initialize()
+    error = project_error(raised.value)  # the one line the error hook prints
+    assert isinstance(error, MissingCheckpoint) and "train stage 1 first" in str(error)
+
+
+def test_validation_against_ground_truth_is_a_named_choice(trained):
+    workflow = trained["workflow"]
+    records = workflow.parser.get_parsed_content("validate#records")
+    cache = workflow.parser.get_parsed_content("volume_cache")
+    labels = workflow.parser.get_parsed_content("stage2#labels")
+    truth = Stage2VolumeDataset(records, cache, ["t1", "flair"], "ground_truth")[0]
+    pseudo = Stage2VolumeDataset(records, cache, ["t1", "flair"], "pseudo", labels)[0]
+    assert truth["image"].shape[0] == 2 and truth["label"].shape == pseudo["label"].shape
+    assert torch.equal(truth["label"], cache.get(records[0])["mask"].float())
+    with pytest.raises(BundleError, match="stage2_validate_against"):
+        Stage2VolumeDataset(records, cache, ["t1"], "labels")
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+def test_refinement_switches():
+    fused = np.zeros((10, 10, 3), dtype=np.float32)
+    fused[1:4, 1:4, 0] = 0.9  # large component
+    fused[7, 7, 0] = 0.8  # speck
+    fused[1:3, 1:3, 2] = 0.6  # another slice, undecided values
+    plain = refine_labels(fused)
+    assert plain.sum() == 9 + 1 + 4
+    volume = refine_labels(fused, largest_component=True)
+    assert volume[7, 7, 0] == 0 and volume[:, :, 2].sum() == 0 and volume.sum() == 9
+    per_slice = refine_labels(fused, largest_component=True, component_scope="slice")
+    assert per_slice[7, 7, 0] == 0 and per_slice[:, :, 2].sum() == 4
+    filtered = refine_labels(fused, confidence_filter=True, ignore_low=0.3, ignore_high=0.7)
+    assert (filtered[:, :, 2] == IGNORE_LABEL).sum() == 4 and filtered[2, 2, 0] == 1
+    with pytest.raises(BundleError, match="ignore_low < ignore_high"):
+        refine_labels(fused, confidence_filter=True, ignore_low=0.7, ignore_high=0.3)
+
+
+def test_ignored_pixels_count_in_neither_term():
+    loss = IgnoreDiceCELoss(ignore_index=IGNORE_LABEL, to_onehot_y=True, softmax=True, batch=True)
+    logits = torch.randn(2, 2, 8, 8)
+    label = torch.randint(0, 2, (2, 1, 8, 8))
+    label[:, :, :4] = IGNORE_LABEL
+    changed = logits.clone()
+    changed[:, :, :4] = torch.randn(2, 2, 4, 8) * 10  # only ignored pixels change
+    assert torch.allclose(loss(logits, label), loss(changed, label), atol=1e-6)
+
+
+def test_stage2_net_carries_its_settings_and_refuses_a_cam_checkpoint(tmp_path, checkpoint):
+    net = Stage2Net(["t1", "t2"], "segresnet", 4, spacing=2.0, spatial_size=[32, 32], normalization="volume")
+    assert net(torch.randn(1, 2, 32, 32)).shape == (1, 2, 32, 32)
+    torch.save(net.state_dict(), tmp_path / "s2.pt")
+    assert recorded_setting(tmp_path / "s2.pt", "network") == "segresnet"
+    assert recorded_setting(tmp_path / "s2.pt", "spacing") == [2.0, 2.0, 2.0]
+    assert recorded_setting(tmp_path / "absent.pt", "network", "unet") == "unet"
+    with pytest.raises(BundleError, match="not a stage-2 model"):
+        Stage2Net(["t1", "t1c", "t2", "flair"], "unet", 4).load_state_dict(torch.load(checkpoint, weights_only=True))
+    with pytest.raises(BundleError, match="multiples of 8"):
+        Stage2Net(["t1"], "unet", 4, spatial_size=[30, 30])
