@@ -30,7 +30,7 @@ def test_an_unknown_override_key_names_the_closest_known_key():
     check_overrides([TRAIN], ["epochs", "train#trainer#max_epochs", "phantom#subjects", "+imports"])
     # a new argument of a component that takes it (MONAI passes it on) is not a typo
     check_overrides([TRAIN], ["train#trainer#epoch_length", "validate#dataloader#pin_memory",
-                              "train#handlers#2#_disabled_"])
+                              "train#report_handlers#0#_disabled_"])
     with pytest.raises(BundleError, match="unknown setting --volume_cache#memory_item "):
         check_overrides([TRAIN], ["volume_cache#memory_item"])  # VolumeCache has no such argument
     check_overrides([TRAIN, EVALUATE], ["eval_split", "overwrite", "method"])  # merged files

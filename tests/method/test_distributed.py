@@ -111,6 +111,7 @@ def _multi_gpu_parser(rank: int, monkeypatch) -> ConfigParser:
 
 
 def _enabled_targets(parser: ConfigParser, list_id: str) -> list[str]:
+    """What of the list `list_id` gets built: targets whose own `_disabled_` is not true, and references."""
     enabled = []
     for index, item in enumerate(parser[list_id]):
         if isinstance(item, str):  # a reference such as "@validate#best_model_saver"
@@ -126,15 +127,37 @@ def _enabled_targets(parser: ConfigParser, list_id: str) -> list[str]:
 def test_only_rank_zero_reports_and_saves(rank, monkeypatch):
     parser = _multi_gpu_parser(rank, monkeypatch)
     train = _enabled_targets(parser, "train#handlers")
+    reports = _enabled_targets(parser, "train#report_handlers")
     validate = _enabled_targets(parser, "validate#handlers")
+    # the lambda_E and lr schedules change the step; validation is sharded, its metrics all-reduced
+    assert train == ["LambdaEScheduler", "ValidationHandler", "ModalityLRSchedule"]
+    assert parser["train#trainer#train_handlers"].replace("::", "#") == "$@train#handlers + @train#report_handlers"
+    assert parser.get_parsed_content("is_main_process") is (rank == 0)
     if rank == 0:
-        assert train == ["LambdaEScheduler", "ValidationHandler", "StatsHandler", "TensorBoardStatsHandler", "ProgressBar",
-                         "ModalityLRSchedule"]
+        assert reports == ["StatsHandler", "TensorBoardStatsHandler", "ProgressBar"]
         assert validate == ["StatsHandler", "TensorBoardStatsHandler", "@validate#best_model_saver", "CAMImageWriter"]
-    else:  # the lambda_E and lr schedules change the step; validation is sharded, its metrics all-reduced
-        assert train == ["LambdaEScheduler", "ValidationHandler", "ModalityLRSchedule"]
-        assert validate == ["@validate#best_model_saver"]
-        assert parser.get_parsed_content("is_main_process") is False
+    else:  # nothing that reports is built, so no TensorBoard writer is opened
+        assert reports == []
+        assert validate == ["@validate#best_model_saver"]  # a checkpoint object; not attached here
+
+
+def test_single_process_training_builds_every_handler():
+    """train.yaml alone: both lists, in the order the trainer attaches them."""
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs/train.yaml"))
+    assert parser.get_parsed_content("train#report") is True
+    assert (_enabled_targets(parser, "train#handlers") + _enabled_targets(parser, "train#report_handlers")
+            == ["LambdaEScheduler", "ValidationHandler", "ModalityLRSchedule", "StatsHandler",
+                "TensorBoardStatsHandler", "ProgressBar"])
+    assert _enabled_targets(parser, "validate#handlers") == ["StatsHandler", "TensorBoardStatsHandler",
+                                                             "@validate#best_model_saver", "CAMImageWriter"]
+    assert parser["validate#evaluator#val_handlers"].replace("::", "#") == "@validate#handlers"
+
+
+def test_multi_gpu_config_selects_handlers_without_positions():
+    """No `...#handlers#<index>#...` key: adding or reordering a handler cannot switch off the wrong one."""
+    raw = ConfigParser.load_config_file(str(ROOT / "configs/multi_gpu_train.yaml"))
+    assert not [key for key in raw if re.search(r"handlers#\d", key)]
 
 
 def test_multi_gpu_training_steps_follow_train_yaml():
