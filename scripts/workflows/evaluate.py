@@ -49,7 +49,18 @@ def _numpy(x) -> np.ndarray:
 
 
 def split_records(datalist, split: str = "testing") -> list[dict]:
-    """Records of one datalist split; an empty split is an error (nothing would be evaluated)."""
+    """Records of one datalist split; an empty split is an error (nothing would be evaluated).
+
+    Args:
+        datalist: path of the datalist JSON (scripts.data.datalist's format).
+        split: the section to read: "training", "validation" or "testing".
+
+    Returns:
+        One record per subject of that split, with absolute paths (scripts.data.subjects.load_datalist).
+
+    Raises:
+        DataError: when the split holds no subject.
+    """
     records = load_datalist(datalist, split)
     if not records:
         raise DataError(f"datalist {datalist} has no subject in its {split!r} split. Fix: choose another "

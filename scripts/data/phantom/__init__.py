@@ -2,7 +2,7 @@
 
 Real BraTS cannot be shipped, so each subject is simulated from physics, calibrated so
 that its tumour contrasts and textures match real BraTS-space MRI in numbers
-(`python -m scripts.phantom report --data DIR` measures them; docs/phantom.md holds the
+(`python -m scripts.data.phantom report --data DIR` measures them; docs/phantom.md holds the
 report, the target bands and the sources):
 
 - anatomy (anatomy.py): the MNI ICBM152 2009a tissue maps of the nilearn wheel in the

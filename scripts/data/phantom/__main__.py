@@ -1,7 +1,7 @@
 """Command line of the phantom.
 
-    python -m scripts.phantom --out DIR --subjects N --seed S [--spacing MM] [--figure PNG]
-    python -m scripts.phantom report --data DIR [--out report.md] [--json report.json]
+    python -m scripts.data.phantom --out DIR --subjects N --seed S [--spacing MM] [--figure PNG]
+    python -m scripts.data.phantom report --data DIR [--out report.md] [--json report.json]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from scripts.common import atomic_path
 
 
 def _generate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m scripts.phantom",
+    parser = argparse.ArgumentParser(prog="python -m scripts.data.phantom",
                                      description="Write a synthetic multi-modal brain-tumour dataset "
                                                  "(BraTS 2019 layout). `report --data DIR` measures realism.")
     parser.add_argument("--out", required=True, help="output folder (BraTS 2019 layout: HGG/, LGG/)")
@@ -29,7 +29,7 @@ def _generate_parser() -> argparse.ArgumentParser:
 
 
 def _report_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m scripts.phantom report",
+    parser = argparse.ArgumentParser(prog="python -m scripts.data.phantom report",
                                      description="Tumour-compartment contrasts and textures of a dataset with "
                                                  "segmentations, against the target bands of real BraTS-space MRI.")
     parser.add_argument("--data", required=True, help="dataset folder (any supported layout) or datalist .json")

@@ -7,10 +7,10 @@ variation (std / mean) inside each compartment and inside normal brain. Medians 
 subjects are printed per grade next to the target bands of the realistic-phantom issue
 (ratios of 1 mm BraTS-space data, medians over >= 20 subjects) with PASS / FAIL.
 
-Works on any layout `scripts.datasets.discover_subjects` reads (the phantom, BraTS
+Works on any layout `scripts.data.subjects.discover_subjects` reads (the phantom, BraTS
 2018-2023, MSD Task01, a datalist), so the same numbers can be taken on real data:
 
-    python -m scripts.phantom report --data DIR [--out report.md] [--json report.json]
+    python -m scripts.data.phantom report --data DIR [--out report.md] [--json report.json]
 """
 
 from __future__ import annotations
