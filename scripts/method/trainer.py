@@ -7,6 +7,10 @@ Eq. 8 for every network and step K optimisers. Because everything taken from a p
 network is detached, one backward over the sum of the K losses gives every network
 exactly the gradient of its own loss (tests check this), which is cheaper than K
 backwards in turn. Its per-volume validator is `scripts.workflows.validation.CAMValidator`.
+
+Its output follows MONAI's `SupervisedTrainer` (Keys.IMAGE, Keys.LABEL, Keys.PRED, Keys.LOSS,
+decollated by MONAI's `Workflow`), so MONAI's stock handlers and `--tracking mlflow` read it
+with `from_engine([Keys.LOSS], first=True)`; `loss_scalars` gives every loss term.
 """
 
 from __future__ import annotations
@@ -176,6 +180,9 @@ class CMERTrainer(Trainer):
             network runs forward + backward of its own loss in turn. Same gradients, one extra
             forward per network, peak memory of one network's graph.
         compile: wrap the training forward of every network in `torch.compile`.
+        decollate: as MONAI's `SupervisedTrainer`: after the optimiser steps MONAI's `Workflow`
+            decollates `engine.state.batch` and `engine.state.output` into one dict per slice
+            (tensors detached, 0-d tensors turned into Python numbers). See `_iteration`.
     """
 
     def __init__(self, device, max_epochs: int, train_data_loader, network, optimizers: ModalityOptimizers,
@@ -183,14 +190,14 @@ class CMERTrainer(Trainer):
                  amp: bool = False, epoch_length: int | None = None, non_blocking: bool = False,
                  concat_views: bool = True, training_nets=None, heap_allocations: bool = True,
                  precision: str | None = None, channels_last: bool = False, low_memory: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, decollate: bool = True):
         device = torch.device(device)
         self.precision = resolve_precision(precision if precision is not None else ("auto" if amp else "fp32"), device)
         # MONAI's Trainer makes a GradScaler when amp is on: only CUDA float16 needs one.
         super().__init__(
             device=device, max_epochs=max_epochs, data_loader=train_data_loader, epoch_length=epoch_length,
             non_blocking=non_blocking, handlers=train_handlers, amp=uses_grad_scaler(device, self.precision),
-            decollate=False,
+            decollate=decollate,
         )
         if heap_allocations and device.type == "cpu":
             keep_cpu_tensors_on_heap()
@@ -202,6 +209,7 @@ class CMERTrainer(Trainer):
         self.objective = objective
         self.transform_sampler = transform_sampler
         self.lambda_e = 1.0  # set each epoch by LambdaEScheduler when configured
+        self.transform_kind: str | None = None  # the kind of the last batch's pi (None: no transform)
         # The modules that run the training forward: TwoViewForward around the network's own
         # nets, or DistributedDataParallel around those; they share the nets' parameters, so
         # checkpoints of `network` stay plain state dicts.
@@ -243,7 +251,7 @@ class CMERTrainer(Trainer):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         self._backward(result.total, scaler)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        return result
+        return result, slice_logits(maps_o)
 
     def _low_memory_step(self, engine, images, images_t, labels, transform, mask, scaler):
         """One network's graph at a time (`low_memory`); the same gradients as `_one_graph_step`."""
@@ -269,9 +277,9 @@ class CMERTrainer(Trainer):
             per_modality.update(result.per_modality)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        return type(result)(total=total, per_modality=per_modality)
+        return type(result)(total=total, per_modality=per_modality), slice_logits(maps_o)
 
-    def _iteration(self, engine, batchdata: dict) -> dict:
+    def _iteration(self, engine, batchdata: dict) -> dict | list[dict]:
         """One minibatch: draw pi, one forward per network over [x ; pi(x)], Eq. 8, K optimiser steps.
 
         Args:
@@ -280,16 +288,35 @@ class CMERTrainer(Trainer):
                 optional "mask": (B, 1, H, W) (full supervision only)}.
 
         Returns:
-            A flat dict of Python floats (also `engine.state.output`): `Keys.LOSS` ("loss", the
-            summed Eq. 8 objective of the K networks), "lambda_e", and "<modality>/<term>" for
-            every term (L_C, L_ER, L_KD, L_CMER, loss) of every modality, plus "transform" (the
-            kind of pi). It is not decollated (`decollate=False`: per-sample items would only
-            repeat these scalars), so handlers read it with `scripts.method.trainer.loss_scalars`
-            (every term) or `from_engine([Keys.LOSS])` (the total).
+            `engine.state.output`, following MONAI's `SupervisedTrainer`: a dict with
+
+            - Keys.IMAGE ("image"): the batch's images (B, K, H, W) as the loader gave them (the
+              host tensor: the device copy is not kept alive).
+            - Keys.LABEL ("label"): the slice labels (B,) int64 (1 = tumour in the slice), as given.
+            - Keys.PRED ("pred"): the networks' slice-level class logits (B, K, C) float32 on the
+              device, detached: for each of the K modality networks the spatial mean of its C class
+              activation maps over the original view x (the logits L_C scores; softmax / argmax
+              over C, channel 1 = tumour). The maps themselves are not kept.
+            - Keys.LOSS ("loss"): the summed objective of the K networks (Eq. 8), a detached 0-d tensor.
+            - "<modality>/<term>": each term (L_C, L_ER, L_KD, L_CMER or L_DiceCE, and "loss") of
+              each modality, detached 0-d tensors.
+            - "lambda_e": the weight lambda_E(t) of this epoch, a float.
+
+            With `decollate=True` (the default) MONAI's `Workflow` turns it into a list of B such
+            dicts, one per slice, when IterationEvents.MODEL_COMPLETED fires: per-slice views of
+            IMAGE and PRED, LABEL as an int, and the scalars (LOSS, the terms, "lambda_e") as
+            Python floats repeated in every item. Handlers read it as MONAI's do:
+            `from_engine([Keys.LOSS], first=True)` (the total; MONAI's StatsHandler / MLflow
+            settings) or `scripts.method.trainer.loss_scalars` (every term, either form).
+            The kind of pi is kept in `self.transform_kind`.
         """
         device, non_blocking = engine.state.device, engine.non_blocking
-        images = batchdata[Keys.IMAGE].to(device, non_blocking=non_blocking).float()
-        labels = batchdata[Keys.LABEL].to(device, non_blocking=non_blocking).long().view(-1)
+        batch_images = batchdata[Keys.IMAGE]
+        batch_labels = batchdata[Keys.LABEL].long().reshape(-1)
+        # as SupervisedTrainer: the inputs first (this also drops the last batch's output)
+        engine.state.output = {Keys.IMAGE: batch_images, Keys.LABEL: batch_labels}
+        images = batch_images.to(device, non_blocking=non_blocking).float()
+        labels = batch_labels.to(device, non_blocking=non_blocking)
         mask = batchdata.get("mask")
         mask = mask.to(device, non_blocking=non_blocking) if mask is not None else None
         if images.shape[1] != len(self.modalities):
@@ -302,25 +329,57 @@ class CMERTrainer(Trainer):
         if getattr(self.objective, "needs_transform", False):
             transform = self.transform_sampler.draw(images.shape[0], images.shape[-2], images.shape[-1])
             images_t = transform.apply(images)
-        engine.state.output = {}
+        self.transform_kind = transform.kind if transform is not None else None
         self.network.train()
         self.optimizers.zero_grad()
         scaler = self.scaler if self.amp else None
         step = self._low_memory_step if self.low_memory else self._one_graph_step
-        result = step(engine, images, images_t, labels, transform, mask, scaler)
+        result, pred = step(engine, images, images_t, labels, transform, mask, scaler)
         self.optimizers.step(scaler)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
-        output = {Keys.LOSS: result.total.detach().item(), "lambda_e": float(self.lambda_e)}
+        output = engine.state.output
+        output[Keys.PRED] = pred
+        output[Keys.LOSS] = _detached(result.total)
+        output["lambda_e"] = float(self.lambda_e)
         for name, terms in result.per_modality.items():
             for term, value in terms.items():
-                output[f"{name}/{term}"] = value.item()
-        if transform is not None:
-            output["transform"] = transform.kind
-        engine.state.output = output
-        return output
+                output[f"{name}/{term}"] = _detached(value)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI's Workflow decollates here
+        return engine.state.output
 
 
-def loss_scalars(output: dict) -> dict:
-    """StatsHandler / TensorBoardStatsHandler output_transform: every scalar loss term."""
-    return {key: value for key, value in output.items() if isinstance(value, float)}
+def slice_logits(maps: list[torch.Tensor]) -> torch.Tensor:
+    """(B, K, C) float32, detached: the spatial mean of each network's (B, C, H, W) maps (no graph kept)."""
+    return torch.stack([m.detach().mean(dim=(2, 3), dtype=torch.float32) for m in maps], dim=1)
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(float(value))
+
+
+_NOT_SCALARS = (Keys.IMAGE, Keys.LABEL, Keys.PRED)
+
+
+def loss_scalars(output: dict | list[dict]) -> dict:
+    """StatsHandler / TensorBoardStatsHandler / MLFlowHandler output_transform: every scalar.
+
+    Args:
+        output: `CMERTrainer`'s `engine.state.output`, decollated (a list of per-slice dicts,
+            whose scalars repeat in each: the first is read) or not (one dict).
+
+    Returns:
+        {name: float} for Keys.LOSS, "lambda_e" and every "<modality>/<term>" (no image, label or pred).
+    """
+    if isinstance(output, (list, tuple)):
+        if not output:
+            return {}
+        output = output[0]
+    scalars = {}
+    for key, value in output.items():
+        if key in _NOT_SCALARS or isinstance(value, (bool, str)):
+            continue
+        if isinstance(value, torch.Tensor) and value.ndim == 0:
+            value = value.item()
+        if isinstance(value, (int, float)):
+            scalars[str(key)] = float(value)
+    return scalars

@@ -5,14 +5,15 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader
 from monai.engines.utils import IterationEvents
-from monai.handlers import ValidationHandler
+from monai.handlers import StatsHandler, ValidationHandler, from_engine
+from monai.utils import CommonKeys as Keys
 
 from scripts.workflows.checkpoints import AtomicCheckpointSaver, ResumeFromCheckpoint
 from scripts.method.schedules import LambdaEScheduler
 from scripts.workflows.reports import ValidationReport
 from scripts.model.networks import MultiModalCAM
 from scripts.workflows.validation import CAMValidator
-from scripts.method.trainer import CMERTrainer, ModalityOptimizers, TransformSampler, build_objective
+from scripts.method.trainer import CMERTrainer, ModalityOptimizers, TransformSampler, build_objective, loss_scalars
 
 torch.set_num_threads(1)
 SIZE = 16
@@ -40,7 +41,7 @@ def _volumes(k=2):
 
 
 def _build(objective_cfg=None, kinds=("flip", "rotation", "scale", "translation"), seed=0, epochs=1,
-           handlers=(), kind="weak"):
+           handlers=(), kind="weak", **kwargs):
     torch.manual_seed(seed)
     network = MultiModalCAM(["t1", "t2"], base_channels=4)
     optimizers = ModalityOptimizers(network, lr=1e-3)
@@ -48,7 +49,7 @@ def _build(objective_cfg=None, kinds=("flip", "rotation", "scale", "translation"
     trainer = CMERTrainer(
         device=torch.device("cpu"), max_epochs=epochs, train_data_loader=loader, network=network,
         optimizers=optimizers, objective=build_objective(kind, objective_cfg),
-        transform_sampler=TransformSampler(kinds, seed=seed), train_handlers=list(handlers),
+        transform_sampler=TransformSampler(kinds, seed=seed), train_handlers=list(handlers), **kwargs,
     )
     return trainer, network, optimizers
 
@@ -56,11 +57,51 @@ def _build(objective_cfg=None, kinds=("flip", "rotation", "scale", "translation"
 def test_one_iteration_logs_every_term_per_modality():
     trainer, _, _ = _build()
     trainer.run()
-    out = trainer.state.output
+    out = loss_scalars(trainer.state.output)
     for name in ("t1", "t2"):
         for term in ("L_C", "L_KD", "L_ER", "L_CMER", "loss"):
             assert f"{name}/{term}" in out
-    assert out["transform"] in {"flip", "rotation", "scale", "translation"}
+    assert set(out) == {"loss", "lambda_e"} | {f"{m}/{t}" for m in ("t1", "t2")
+                                               for t in ("L_C", "L_KD", "L_ER", "L_CMER", "loss")}
+    assert trainer.transform_kind in {"flip", "rotation", "scale", "translation"}
+
+
+def test_output_follows_monai_keys_and_is_decollated_like_supervised_trainer():
+    """One dict per slice with IMAGE, LABEL, PRED and LOSS (MONAI's Workflow decollates it), no
+    autograd graph kept; decollate=False leaves the one dict, which loss_scalars reads the same."""
+    trainer, _, _ = _build()
+    trainer.run()
+    out = trainer.state.output
+    assert isinstance(out, list) and len(out) == 4  # batch_size 4
+    assert isinstance(trainer.state.batch, list) and len(trainer.state.batch) == 4
+    for item, batch_item in zip(out, trainer.state.batch):
+        assert item[Keys.IMAGE].shape == (2, SIZE, SIZE) and torch.equal(item[Keys.IMAGE], batch_item["image"])
+        assert item[Keys.LABEL] == int(batch_item["label"])
+        assert item[Keys.PRED].shape == (2, 2) and item[Keys.PRED].dtype == torch.float32
+        assert not item[Keys.PRED].requires_grad and item[Keys.PRED].grad_fn is None
+        assert isinstance(item[Keys.LOSS], float) and item[Keys.LOSS] == out[0][Keys.LOSS]
+        assert isinstance(item["t1/L_CMER"], float) and item["lambda_e"] == 1.0
+    assert from_engine([Keys.LOSS], first=True)(out) == out[0][Keys.LOSS]  # MONAI's stock reading
+
+    raw, _, _ = _build(decollate=False)
+    raw.run()
+    one = raw.state.output
+    assert isinstance(one, dict) and one[Keys.IMAGE].shape == (4, 2, SIZE, SIZE) and one[Keys.LABEL].shape == (4,)
+    assert one[Keys.PRED].shape == (4, 2, 2) and one[Keys.PRED].grad_fn is None
+    assert one[Keys.LOSS].ndim == 0 and one[Keys.LOSS].grad_fn is None
+    assert all(v.grad_fn is None for k, v in one.items() if "/" in k)
+    assert set(loss_scalars(one)) == set(loss_scalars(out))
+
+
+def test_stock_stats_handler_logs_the_loss(capsys):
+    """MONAI's StatsHandler as bundles configure it (from_engine(['loss'], first=True)) logs every iteration."""
+    handler = StatsHandler(name="test_trainer_stats", tag_name="train_loss", epoch_log=False,
+                           output_transform=from_engine(["loss"], first=True))
+    trainer, _, _ = _build(handlers=[handler])
+    trainer.run()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "Iter:" in line]
+    assert len(lines) == 2 and all("train_loss: " in line for line in lines), lines  # 8 slices / batch 4
+    assert lines[-1].rstrip().endswith(f"train_loss: {trainer.state.output[0][Keys.LOSS]:.4f}")
 
 
 def test_training_changes_every_network():
@@ -76,7 +117,7 @@ def test_two_cpu_runs_with_a_seed_give_identical_losses():
     for _ in range(2):
         trainer, _, _ = _build(seed=3, epochs=2)
         history = []
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: history.append(e.state.output["loss"]))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: history.append(e.state.output[0]["loss"]))
         trainer.run()
         losses.append(history)
     assert losses[0] == losses[1]
@@ -86,13 +127,14 @@ def test_two_cpu_runs_with_a_seed_give_identical_losses():
 def test_cam_baseline_runs_without_transform():
     trainer, _, _ = _build({"use_er": False, "use_kd": False, "use_cmer": False}, kinds=())
     trainer.run()
-    assert set(k.split("/")[1] for k in trainer.state.output if "/" in k) == {"L_C", "loss"}
+    assert set(k.split("/")[1] for k in loss_scalars(trainer.state.output) if "/" in k) == {"L_C", "loss"}
+    assert trainer.transform_kind is None
 
 
 def test_full_supervision_trains_on_masks():
     trainer, _, _ = _build(kinds=(), kind="full_supervision")
     trainer.run()
-    assert "t1/L_DiceCE" in trainer.state.output
+    assert "t1/L_DiceCE" in loss_scalars(trainer.state.output)
 
 
 def test_lambda_e_scheduler_sets_the_weight_each_epoch():
@@ -214,6 +256,10 @@ def test_low_memory_step_gives_the_default_steps_gradients(kinds, objective_cfg)
                                   lambda e: grads.extend(p.grad.clone() for p in network.parameters()))
         trainer.run()
         results.append((trainer.state.output, grads, [b.clone() for b in network.buffers()]))
+    (outputs, _, _), (outputs_lm, _, _) = results
+    for item, item_lm in zip(outputs, outputs_lm):  # the same slice logits (graph-free maps in low_memory)
+        torch.testing.assert_close(item_lm[Keys.PRED], item[Keys.PRED], rtol=1e-5, atol=1e-6)
+    results = [(loss_scalars(o), g, b) for o, g, b in results]
     (out, grads, buffers), (out_lm, grads_lm, buffers_lm) = results
     assert set(out) == set(out_lm)
     for key, value in out.items():

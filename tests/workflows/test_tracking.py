@@ -1,7 +1,8 @@
-"""Experiment tracking: TensorBoard (train.yaml's handlers) and MLflow (--tracking configs/mlflow.yaml).
+"""Experiment tracking: TensorBoard (train.yaml's handlers) and MLflow, both MONAI's stock
+`--tracking mlflow` and this bundle's `--tracking configs/mlflow.yaml` (every term, parameters).
 
-One tiny training run with MLflow tracking into a local SQLite store under tmp; the same
-run's TensorBoard event files are read back too.
+Tiny training runs with MLflow tracking into a local SQLite store under tmp; the bundle
+settings' run also reads its TensorBoard event files back.
 """
 
 import os
@@ -57,18 +58,50 @@ def _tensorboard_tags(log_dir: Path) -> set[str]:
     return tags
 
 
-def test_training_run_writes_tensorboard_and_mlflow(tmp_path):
-    mlflow = pytest.importorskip("mlflow")
-    pytest.importorskip("sqlalchemy")  # MLflow's SQLite store (MONAI's default tracking backend)
-    from monai.utils import path_to_sqlite_uri
-
+def _train(tmp_path: Path, tracking: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     command = [sys.executable, "-m", "monai.bundle", "run", "training",
                "--config_file", str([str(ROOT / f) for f in TRAIN]), "--bundle_root", str(tmp_path),
-               "--tracking", TRACKING, *TINY]
+               "--tracking", tracking, *TINY, *extra]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result
+
+
+def _one_finished_run(mlflow, run_dir: Path, experiment_name: str):
+    from monai.utils import path_to_sqlite_uri
+
+    client = mlflow.MlflowClient(tracking_uri=path_to_sqlite_uri(run_dir / "mlruns.db"))
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    assert runs[0].info.status == "FINISHED"
+    return client, runs[0]
+
+
+def test_stock_mlflow_tracking_and_stats_handler(tmp_path):
+    """MONAI's own `--tracking mlflow` (no bundle settings): the trainer's decollated output gives
+    the loss to its from_engine(['loss'], first=True); so does a stock StatsHandler."""
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")
+    stock_stats = ["--train#report_handlers#0#iteration_log", "true",
+                   "--train#report_handlers#0#output_transform", "$monai.handlers.from_engine(['loss'], first=True)"]
+    result = _train(tmp_path, "mlflow", *stock_stats)
+    logged = [line for line in (result.stdout + result.stderr).splitlines() if "Iter:" in line and "train_loss: " in line]
+    assert len(logged) == 2, (result.stdout + result.stderr)[-4000:]  # one line per iteration
+
+    client, run = _one_finished_run(mlflow, tmp_path / "runs" / "train", "monai_experiment")
+    for metric in ("train_loss", "val_dsc_fused", "val_acc_flair"):
+        assert metric in run.data.metrics, sorted(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2  # one point per iteration
+
+
+def test_training_run_writes_tensorboard_and_mlflow(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")  # MLflow's SQLite store (MONAI's default tracking backend)
+
+    _train(tmp_path, TRACKING)
     run_dir = tmp_path / "runs" / "train"
 
     # TensorBoard: every loss term of every modality, and the validation metrics
@@ -79,12 +112,7 @@ def test_training_run_writes_tensorboard_and_mlflow(tmp_path):
     assert expected <= tags, sorted(expected - tags)
 
     # MLflow: one finished run in the local SQLite store with the same terms, parameters, config artifact
-    client = mlflow.MlflowClient(tracking_uri=path_to_sqlite_uri(run_dir / "mlruns.db"))
-    experiment = client.get_experiment_by_name("wss_cmer_brats")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.info.status == "FINISHED"
+    client, run = _one_finished_run(mlflow, run_dir, "wss_cmer_brats")
     for metric in ("loss", "lambda_e", "t1/L_C", "flair/L_CMER", "val_dsc_fused", "val_acc_flair"):
         assert metric in run.data.metrics, sorted(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 2  # one point per iteration

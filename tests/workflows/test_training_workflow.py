@@ -17,6 +17,8 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from scripts.method.trainer import loss_scalars
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"make_phantom": True, "phantom#subjects": 6, "phantom#spacing": 6.0, "spatial_size": [40, 40], "split": [2, 2, 2],
         "base_channels": 4, "batch_size": 8}
@@ -41,7 +43,7 @@ def test_method_preset_trains_two_modalities(method, tiny_dataset, tmp_path, cap
     assert {k.split(".")[1] for k in state if k.startswith("nets.")} == {"0", "1"}  # two networks
     table = capsys.readouterr().out
     assert "| t1 |" in table and "| t2 |" in table and "| fused |" in table
-    output = workflow.parser.get_parsed_content("train#trainer").state.output
+    output = loss_scalars(workflow.parser.get_parsed_content("train#trainer").state.output)
     terms = {key.split("/")[1] for key in output if key.startswith("t1/")}
     expected = {"cam": {"L_C", "loss"}, "seam_all": {"L_C", "L_ER", "loss"},
                 "cmer": {"L_C", "L_KD", "L_ER", "L_CMER", "loss"}}[method]

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from scripts.method.trainer import loss_scalars
 from tools.benchmark.core import Row, Settings, build_network, synthetic_batch, verdict
 from tools.benchmark.training import make_trainer
 
@@ -22,12 +23,19 @@ def _dispatch_mode_base():
 _HERE = str(Path(__file__).resolve().parent) + "/"  # tools/benchmark/: its frames are not the caller
 
 
+def _is_view(func) -> bool:
+    """True for an op whose outputs alias its inputs without writing (detach, unbind, view)."""
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
 class DeviceAudit(_dispatch_mode_base()):
     """Every aten op of a training step: CPU fallbacks and host syncs, with their callers.
 
     A fallback is an op that produces a CPU tensor of at least one slice's size (the transform
-    parameters drawn on the CPU by design are far smaller). A host sync is an op that turns
-    device data into a Python value or a CPU tensor (.item(), .cpu(), nonzero, ...).
+    parameters drawn on the CPU by design are far smaller); views (detach, unbind: MONAI's
+    decollation of the host batch) compute nothing and are not counted. A host sync is an op
+    that turns device data into a Python value or a CPU tensor (.item(), .cpu(), nonzero, ...).
     """
 
     SYNC_OPS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "is_nonzero", "equal")
@@ -64,7 +72,7 @@ class DeviceAudit(_dispatch_mode_base()):
             self.uploads[f"{name} from {self._caller()}"] += 1
         elif from_device and (name in self.SYNC_OPS or any(t.device.type == "cpu" for t in outputs)):
             self.syncs[f"{name} from {self._caller()}"] += 1
-        elif any(t.device.type == "cpu" and t.numel() >= self.slice_numel for t in outputs):
+        elif not _is_view(func) and any(t.device.type == "cpu" and t.numel() >= self.slice_numel for t in outputs):
             self.fallbacks[f"{name} from {self._caller()}"] += 1
         return out
 
@@ -77,7 +85,7 @@ def gpu_path_rows(s: Settings) -> list[Row]:
     audit = DeviceAudit(size * size)
     with audit:
         trainer.run()
-    logged = sum(isinstance(v, float) for key, v in trainer.state.output.items() if key != "lambda_e")
+    logged = len([key for key in loss_scalars(trainer.state.output) if key != "lambda_e"])  # each one .item()
     syncs = sum(audit.syncs.values())
     detail = "; ".join(f"{n}x {what}" for what, n in audit.syncs.most_common(6))
     fallback_detail = "; ".join(f"{n}x {what}" for what, n in audit.fallbacks.most_common(4)) or "none"
