@@ -24,8 +24,10 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8)
 
 
 def _dsc(pred: torch.Tensor, truth: torch.Tensor) -> float:
-    total = pred.sum() + truth.sum()
-    return float(2 * (pred & truth).sum() / total) if total > 0 else 1.0
+    """MONAI's Dice of one binary volume; empty truth and empty prediction count as 1."""
+    from monai.metrics import compute_dice
+
+    return float(compute_dice(pred[None, None].float(), truth[None, None].float(), ignore_empty=False))
 
 
 def volume_readouts(nets, image: torch.Tensor, truth: torch.Tensor, gate_threshold: float) -> dict:
