@@ -279,26 +279,43 @@ class CMERObjective:
 class FullSupervisionObjective:
     """Upper bound of Table II: the same backbone trained on the masks with Dice + CE.
 
-    MONAI's DiceCELoss on the 2-channel maps (softmax), one per modality network.
+    MONAI's DiceCELoss on the 2-channel maps (softmax), one per modality network. With
+    `augment`, the trainer also draws the transform pi of each batch (the transform sampler
+    of the weak method: flips, rotations, scalings, translations) and the loss is the mean
+    over the original view and pi(x) against pi(mask): ordinary data augmentation, which the
+    paper names as what gives fully supervised networks their equivariance (Section I).
+
+    Args:
+        lambda_dice: weight of the Dice term.
+        lambda_ce: weight of the cross-entropy term.
+        augment: False = the original view only; True = also the transformed view and mask.
     """
 
-    needs_transform = False
-
-    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0):
+    def __init__(self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, augment: bool = False):
         from monai.losses import DiceCELoss
 
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+        self.augment = bool(augment)
+
+    @property
+    def needs_transform(self) -> bool:
+        return self.augment
 
     def __call__(self, modalities, maps_o, maps_t, labels, transform=None, lambda_e_value: float = 1.0,
                  mask=None, only=None) -> ObjectiveOutput:
         if mask is None:
             raise ValueError("full supervision needs the batch's 'mask' (pixel labels)")
         target = (mask > 0.5).long()
+        views = maps_t is not None and transform is not None
+        # pi(mask) through the same geometry as pi(x); interpolated values re-binarised at 0.5
+        target_t = (transform.apply(mask.float()) > 0.5).long() if views else None
         per_modality, total = {}, 0.0
         for k, name in enumerate(modalities):
             if only is not None and k not in only:
                 continue
             loss = self.loss(maps_o[k], target)
+            if views:
+                loss = 0.5 * (loss + self.loss(maps_t[k], target_t))
             per_modality[name] = {"L_DiceCE": loss, "loss": loss}
             total = total + loss
         return ObjectiveOutput(total=total, per_modality=per_modality)

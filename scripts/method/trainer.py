@@ -98,7 +98,14 @@ class ModalityOptimizers:
 
 
 def build_objective(kind: str = "weak", config: dict | None = None):
-    """`weak` = Eq. 8 with the configured switches; `full_supervision` = Dice + CE upper bound."""
+    """The training objective.
+
+    Args:
+        kind: `weak` = Eq. 8 (`CMERObjective`); `full_supervision` = the Dice + CE upper bound
+            (`FullSupervisionObjective`).
+        config: the kind's settings (train.yaml's `objective` or `full_supervision` section);
+            None = defaults.
+    """
     if kind == "weak":
         return CMERObjective(config)
     if kind == "full_supervision":

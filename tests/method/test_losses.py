@@ -282,3 +282,20 @@ def test_full_supervision_objective_uses_monai_dice_ce():
     assert good < 0.05 < bad
     with pytest.raises(ValueError, match="mask"):
         FullSupervisionObjective()(["t1"], [maps], None, None)
+
+
+def test_full_supervision_augmentation_scores_the_transformed_view_against_the_transformed_mask():
+    from scripts.method.trainer import TransformSampler
+
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :3, :5] = 1  # not symmetric: a rotation moves it
+    maps = torch.zeros(2, 2, 8, 8)
+    maps[:, 1] = 10 * (mask[:, 0] * 2 - 1)
+    transform = TransformSampler(["rotation"], {"rotation_ks": [1]}, seed=0).draw(2, 8, 8)
+    objective = FullSupervisionObjective(augment=True)
+    assert objective.needs_transform and not FullSupervisionObjective().needs_transform
+    right = objective(["t1"], [maps], [transform.apply(maps)], None, transform, mask=mask).total.item()
+    wrong = objective(["t1"], [maps], [maps], None, transform, mask=mask).total.item()  # pi(x) mapped like x
+    assert right < 0.05 < wrong
+    plain = FullSupervisionObjective()(["t1"], [maps], None, None, mask=mask).total.item()
+    assert right == pytest.approx(plain, abs=1e-4)  # both views correct = the plain loss

@@ -1,4 +1,4 @@
-"""Learning-rate schedule of the modality optimisers and class-balanced slice sampling."""
+"""Learning-rate schedule of the modality optimisers; class-balanced and fixed-length slice sampling."""
 
 from __future__ import annotations
 
@@ -52,3 +52,33 @@ def test_balanced_sampler_draws_both_classes_equally():
     positives = float(dataset.labels[drawn].float().mean())
     assert 0.35 < positives < 0.65  # 10 % of the slices, about half of the draws
     assert torch.equal(drawn, torch.tensor(list(slice_sampler(dataset, balanced=True, seed=3))))
+
+
+def test_samples_per_epoch_draws_a_fresh_subset_without_repeats():
+    dataset = types.SimpleNamespace(labels=torch.tensor([1] * 30 + [0] * 70))
+    sampler = slice_sampler(dataset, balanced=False, seed=5, samples_per_epoch=40)
+    epoch_1, epoch_2 = list(sampler), list(sampler)
+    assert len(epoch_1) == len(epoch_2) == 40
+    assert len(set(epoch_1)) == 40  # no slice twice within an epoch
+    assert set(epoch_1) != set(epoch_2)  # every epoch sees another subset
+    again = slice_sampler(dataset, balanced=False, seed=5, samples_per_epoch=40)
+    assert list(again) == epoch_1  # reproducible by seed
+    assert len(list(slice_sampler(dataset, balanced=True, seed=5, samples_per_epoch=40))) == 40
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        slice_sampler(dataset, balanced=False, samples_per_epoch=0)
+
+
+def test_train_config_wires_the_epoch_length_into_the_loader():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config("configs/train.yaml")
+    parser["train#dataset"] = torch.utils.data.TensorDataset(torch.arange(100))
+    parser["train#dataset"].labels = torch.tensor([0, 1] * 50)
+    parser["samples_per_epoch"] = 24
+    loader = parser.get_parsed_content("train#dataloader")
+    assert len(list(loader.sampler)) == 24 and len(loader) == 2  # batch 16: 24 slices = 2 steps
+    parser["samples_per_epoch"] = None
+    parser.parse()
+    loader = parser.get_parsed_content("train#dataloader")
+    assert isinstance(loader.sampler, torch.utils.data.RandomSampler) and len(loader.sampler) == 100

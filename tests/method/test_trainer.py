@@ -135,6 +135,10 @@ def test_full_supervision_trains_on_masks():
     trainer, _, _ = _build(kinds=(), kind="full_supervision")
     trainer.run()
     assert "t1/L_DiceCE" in loss_scalars(trainer.state.output)
+    assert trainer.transform_kind is None
+    augmented, _, _ = _build(kinds=("rotation",), kind="full_supervision", objective_cfg={"augment": True})
+    augmented.run()
+    assert augmented.transform_kind == "rotation"  # pi drawn for the augmented view
 
 
 def test_lambda_e_scheduler_sets_the_weight_each_epoch():
