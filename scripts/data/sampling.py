@@ -6,6 +6,12 @@ sampler shows the networks as many tumour slices as healthy ones per epoch. A fi
 length (`samples_per_epoch`) decouples the optimiser steps of a run from the size of the
 training set: more subjects then mean more variety for the same compute, and validation
 and the epoch-based schedules keep their cadence.
+
+Height-balanced draws (`height_bins`) remove a shortcut: tumours sit mostly in mid-brain
+slices, so on the phantom a slice's height in the head alone predicts its label with 79 %
+accuracy against 66 % for "always healthy" (`python -m tools.slice_confound`). Drawing
+tumour and healthy slices equally often within each band of height makes the label
+independent of the height in what the networks see, while every band keeps its share.
 """
 
 from __future__ import annotations
@@ -13,19 +19,23 @@ from __future__ import annotations
 import torch
 
 
-def slice_sampler(dataset, balanced: bool, seed: int = 0, samples_per_epoch: int | None = None):
+def slice_sampler(dataset, balanced: bool, seed: int = 0, samples_per_epoch: int | None = None,
+                  height_bins: int = 0):
     """The training sampler: None for the paper's plain shuffling over the whole set (the
     DataLoader shuffles), a `RandomSampler` drawing `samples_per_epoch` slices per epoch
     without replacement (a fresh random subset every epoch), or a `WeightedRandomSampler`
-    that draws tumour and healthy slices equally often (with replacement).
+    that draws tumour and healthy slices equally often (with replacement), overall or
+    within each of `height_bins` bands of slice height.
 
     Args:
-        dataset: a dataset with a `labels` tensor (0 healthy / 1 tumour per slice), e.g.
-            `scripts.data.slices.SliceDataset`.
+        dataset: a dataset with a `labels` tensor (0 healthy / 1 tumour per slice) and, for
+            `height_bins`, a `heights` tensor in [0, 1], e.g. `scripts.data.slices.SliceDataset`.
         balanced: True = class-balanced draws; False = uniform.
         seed: seed of the sampler's generator (draws are reproducible).
         samples_per_epoch: slices per epoch; None = len(dataset) (one pass). Larger than
             the dataset is allowed (uniform: whole passes plus a partial one).
+        height_bins: 0 = off; N >= 2 = class-balanced within N equal bands of height (implies
+            class balance; a band holding one class only keeps its share, unbalanced).
     """
     labels = torch.as_tensor(dataset.labels, dtype=torch.int64)
     num_samples = len(labels) if samples_per_epoch is None else int(samples_per_epoch)
@@ -33,12 +43,29 @@ def slice_sampler(dataset, balanced: bool, seed: int = 0, samples_per_epoch: int
         raise ValueError(f"samples_per_epoch must be >= 1 (got {samples_per_epoch}); "
                          "set it to null for one pass over the training slices")
     generator = torch.Generator().manual_seed(int(seed))
-    if not balanced:
+    if height_bins and int(height_bins) < 2:
+        raise ValueError(f"height_bins must be 0 (off) or >= 2 (got {height_bins})")
+    if not balanced and not height_bins:
         if samples_per_epoch is None:
             return None
         return torch.utils.data.RandomSampler(range(len(labels)), replacement=False, num_samples=num_samples,
                                               generator=generator)
-    counts = torch.bincount(labels, minlength=2).clamp(min=1).to(torch.float64)
-    weights = (1.0 / counts)[labels]
+    if height_bins:
+        weights = _height_balanced_weights(labels, torch.as_tensor(dataset.heights, dtype=torch.float64),
+                                           int(height_bins))
+    else:
+        counts = torch.bincount(labels, minlength=2).clamp(min=1).to(torch.float64)
+        weights = (1.0 / counts)[labels]
     return torch.utils.data.WeightedRandomSampler(weights, num_samples=num_samples, replacement=True,
                                                   generator=generator)
+
+
+def _height_balanced_weights(labels: torch.Tensor, heights: torch.Tensor, bins: int) -> torch.Tensor:
+    """Per-slice weights: each band keeps its share of draws, split equally between its classes."""
+    band = (heights.clamp(0.0, 1.0) * bins).long().clamp(max=bins - 1)
+    cell = band * 2 + labels
+    cell_count = torch.bincount(cell, minlength=2 * bins).to(torch.float64)
+    band_count = torch.bincount(band, minlength=bins).to(torch.float64)
+    classes_in_band = (cell_count.view(bins, 2) > 0).sum(1).to(torch.float64)
+    # P(band) = its share of slices; within it, each present class gets an equal part
+    return band_count[band] / classes_in_band[band] / cell_count[cell]

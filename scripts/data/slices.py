@@ -59,25 +59,30 @@ class SliceDataset(torch.utils.data.Dataset):
         self.brain_threshold = float(brain_threshold)
         self.slice_normalization = slice_normalization
         _require_segmentations(self.records)
-        self.index, labels = self._build_index()
+        self.index, labels, heights = self._build_index()
         self.labels = torch.tensor(labels, dtype=torch.int64)
+        # height of each slice within its volume's brain (0 = lowest brain slice, 1 = highest)
+        self.heights = torch.tensor(heights, dtype=torch.float32)
         self._check_not_degenerate(require_positive)
 
-    def _build_index(self) -> tuple[list[tuple[int, int]], list[int]]:
-        index, labels = [], []
+    def _build_index(self) -> tuple[list[tuple[int, int]], list[int], list[float]]:
+        index, labels, heights = [], [], []
         for record_index, record in enumerate(self.records):
             meta = self.cache.info(record)
+            with_brain = [z for z, fraction in enumerate(meta["brain_fraction"]) if fraction > 0]
+            low, high = (with_brain[0], with_brain[-1]) if with_brain else (0, 0)
             kept = 0
             for z, (fraction, tumour) in enumerate(zip(meta["brain_fraction"], meta["tumour_pixels"])):
                 if fraction > self.brain_threshold:
                     index.append((record_index, z))
                     labels.append(int(tumour > 0))
+                    heights.append((z - low) / (high - low) if high > low else 0.5)
                     kept += 1
             if kept == 0:  # said here too, as the cache may have been built by an earlier run
                 logger.warning("subject %s: no slice has a brain fraction above %g (%d tumour voxels in its seg): "
                                "the subject is left out of this dataset. Check its images.", record["subject"],
                                self.brain_threshold, sum(meta["tumour_pixels"]))
-        return index, labels
+        return index, labels, heights
 
     def _check_not_degenerate(self, require_positive: bool) -> None:
         subjects = [r["subject"] for r in self.records]

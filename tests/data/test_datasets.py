@@ -370,6 +370,8 @@ def test_slice_dataset_labels_subset_and_order(brats, tmp_path):
     assert [z for _, z in slices.index] == BRAIN_SLICES * 2
     assert slices.labels.tolist() == [int(z in TUMOUR_SLICES) for z in BRAIN_SLICES] * 2
     assert slices.positive_fraction == pytest.approx(2 / 6)
+    low, high = BRAIN_SLICES[0], BRAIN_SLICES[-1]  # height within the brain's axial extent
+    assert slices.heights.tolist() == pytest.approx([(z - low) / (high - low) for z in BRAIN_SLICES] * 2)
     item = slices[2]  # third brain slice: z = 3, the 3 x 3 tumour slice
     assert item["image"].shape == (2, 16, 16) and item["image"].dtype == torch.float32
     assert item["label"].dtype == torch.int64 and item["label"].ndim == 0 and int(item["label"]) == 1

@@ -82,3 +82,19 @@ def test_train_config_wires_the_epoch_length_into_the_loader():
     parser.parse()
     loader = parser.get_parsed_content("train#dataloader")
     assert isinstance(loader.sampler, torch.utils.data.RandomSampler) and len(loader.sampler) == 100
+
+
+def test_height_balanced_draws_make_the_label_independent_of_the_slice_height():
+    heights = torch.linspace(0, 1, 200)
+    labels = ((heights > 0.4) & (heights < 0.75)).long()  # the shortcut: mid-brain = tumour
+    labels[::10] = 1 - labels[::10]  # a few exceptions, so most bands hold both classes
+    dataset = types.SimpleNamespace(labels=labels, heights=heights)
+    sampler = slice_sampler(dataset, balanced=False, seed=1, samples_per_epoch=20000, height_bins=4)
+    drawn = torch.tensor(list(sampler))
+    band = (heights[drawn] * 4).long().clamp(max=3)
+    for b in range(4):
+        in_band = band == b
+        assert abs(in_band.float().mean().item() - 0.25) < 0.03  # every band keeps its share
+        assert abs(labels[drawn][in_band].float().mean().item() - 0.5) < 0.05  # half tumour in each
+    with pytest.raises(ValueError, match="height_bins"):
+        slice_sampler(dataset, balanced=False, height_bins=1)
