@@ -4,28 +4,60 @@ import json
 
 from tools import experiments
 
+TINY = ["--set", "epochs=1", "base_channels=4", "phantom#spacing=6.0", "spatial_size=[40,40]", "batch_size=8"]
+
 
 def test_quick_experiments_write_every_table_and_figure(tmp_path):
     out = tmp_path / "results"
-    code = experiments.main([
-        "--out", str(out), "--quick", "--dataset-dir", str(tmp_path / "data"),
-        "--set", "epochs=1", "base_channels=4", "phantom#spacing=6.0", "spatial_size=[40,40]", "batch_size=8",
-    ])
+    code = experiments.main(["--out", str(out), "--quick", "--seeds", "0", "1", *TINY])
     assert code == 0
     tables = (out / "tables.md").read_text()
-    for heading in ("Table II analogue", "Table I analogue", "Table III analogue", "Table V analogue"):
+    for heading in ("Table II analogue", "Table I analogue", "Table III analogue", "Table V analogue",
+                    "paired per volume"):
         assert heading in tables
-    for run in ("| cam |", "| seam_all |", "| cmer |", "cmer (pair)"):
+    for run in ("| cam |", "| seam_all |", "| cmer |", "| stage2 |", "cmer (pair)"):
         assert run in tables
-    summary = json.loads((out / "results.json").read_text())["summary"]
-    assert {"cam", "seam_all", "cmer", "cmer_t1_t2", "cam@t1_t2"} <= set(summary)
-    for name in ("cam", "cmer"):
+    data = json.loads((out / "results.json").read_text())
+    assert data["seeds"] == [0, 1]
+    summary = data["summary"]
+    assert {"cam", "seam_all", "cmer", "stage2", "cmer_t1_t2", "cam@t1_t2"} <= set(summary)
+    for name in ("cam", "cmer", "stage2"):
         assert 0.0 <= summary[name]["fused"]["dsc_mean"] <= 1.0
+    # every seed: its own phantom, split and runs; the pair run for the first seed only
+    assert set(data["runs"]["cmer"]) == set(data["runs"]["stage2"]) == {"seed0", "seed1"}
+    assert set(data["runs"]["cmer_t1_t2"]) == set(data["runs"]["cam@t1_t2"]) == {"seed0"}
+    assert summary["cmer"]["fused"]["dsc_seeds"] == 2 and summary["cmer"]["fused"]["dsc_ci_kind"] == "t over seeds"
+    for seed in (0, 1):
+        datalist = json.loads((out / "data" / f"seed{seed}" / "datalist.json").read_text())
+        assert datalist["seed"] == data["settings"][f"seed{seed}"]["split_seed"] == seed
+        assert data["settings"][f"seed{seed}"]["phantom"]["seed"] == seed
+        assert (out / "runs" / f"seed{seed}" / "cmer" / "models" / "model.pt").is_file()
+        assert (out / "cache" / f"seed{seed}").is_dir()
+    claims = {c["claim"]: c for c in data["comparisons"]}
+    assert claims["CMER > CAM"]["n"] == summary["cmer"]["fused"]["dsc_n"] == 4  # 2 test volumes a seed
+    assert claims["CMER > CAM"]["verdict"] == "inconclusive"  # too few pairs
     assert (out / "sweep_fused.png").stat().st_size > 0
     assert (out / "overlays.png").stat().st_size > 0
-    # a second call reuses the trained models instead of training again
-    before = (out / "runs" / "cmer" / "models" / "model.pt").stat().st_mtime
-    experiments.main(["--out", str(out), "--quick", "--dataset-dir", str(tmp_path / "data"), "--runs", "cmer",
-                      "--set", "epochs=1", "base_channels=4", "phantom#spacing=6.0", "spatial_size=[40,40]",
-                      "batch_size=8"])
-    assert (out / "runs" / "cmer" / "models" / "model.pt").stat().st_mtime == before
+    # a second call reuses the trained models, keeps the other runs' rows and writes the docs page
+    model = out / "runs" / "seed0" / "cmer" / "models" / "model.pt"
+    before = model.stat().st_mtime
+    docs = tmp_path / "docs" / "results.md"
+    experiments.main(["--out", str(out), "--quick", "--seeds", "0", "1", "--runs", "cmer", "--write-docs", str(docs),
+                      *TINY])
+    assert model.stat().st_mtime == before
+    page = docs.read_text()
+    assert "| cmer |" in page and "| cam |" in page and (docs.parent / "figures" / "results_sweep_fused.png").is_file()
+    assert json.loads((out / "results.json").read_text())["commit"] in page
+    # the tables again from results.json alone
+    (out / "tables.md").unlink()
+    assert experiments.main(["--out", str(out), "--report-only"]) == 0
+    assert "| stage2 |" in (out / "tables.md").read_text()
+
+
+def test_fixed_data_keep_the_data_and_vary_the_split(tmp_path):
+    out, data = tmp_path / "results", tmp_path / "data"
+    assert experiments.main(["--out", str(out), "--quick", "--dataset-dir", str(data), "--seeds", "3",
+                             "--runs", "cam", *TINY]) == 0
+    assert not (data / "datalist.json").exists()  # the data folder is left as it is
+    assert json.loads((out / "splits" / "seed3" / "datalist.json").read_text())["seed"] == 3
+    assert set(json.loads((out / "results.json").read_text())["runs"]) == {"cam", "cam@t1_t2"}

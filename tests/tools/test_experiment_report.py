@@ -1,0 +1,134 @@
+"""tools.experiment_report on a synthetic results document: tables, claims, docs page, model card."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tools import experiment_report as rep
+from tools import experiment_stats as st
+
+ROOT = Path(__file__).resolve().parents[2]
+MAPS = ("t1", "t1c", "t2", "flair", "fused")
+
+
+def _rows(level: float, seed: int, n: int = 8) -> dict:
+    """Per-volume rows whose fused DSC is `level` plus a small per-subject spread (the same in every run)."""
+    spread = np.linspace(-0.05, 0.05, n)
+    rows = []
+    for i in range(n):
+        for name in MAPS:
+            dsc = level + spread[i] + 0.01 * seed
+            rows.append({"subject": f"s{i}", "map": name, "dsc": dsc, "assd": None if i == 0 else 10 * (1 - dsc),
+                         "tp": 100, "fp": 50, "fn": 20, "empty_case": "empty_pred" if i == 0 else ""})
+    return rep.run_record(rows)
+
+
+def _document(seeds=(0, 1, 2)) -> dict:
+    levels = {"cam": 0.1, "seam_scale": 0.2, "seam_all": 0.2, "cmer": 0.3, "kd_only": 0.3, "kd_er": 0.2,
+              "er_cmer": 0.25, "cmer_deeplab": 0.28, "cmer_t1_t2": 0.3, "cam@t1_t2": 0.1}
+    first_only = {"kd_only", "kd_er", "er_cmer", "cmer_deeplab", "cmer_t1_t2", "cam@t1_t2"}
+    runs = {name: {rep.seed_key(s): _rows(level, s) for s in (seeds[:1] if name in first_only else seeds)}
+            for name, level in levels.items()}
+    settings = {rep.seed_key(s): {"phantom": {"subjects": 30, "seed": s, "spacing": 3.0}, "spacing": 3.0,
+                                  "split_counts": {"training": 18, "validation": 6, "testing": 8}} for s in seeds}
+    return rep.build_document(command="python -m tools.experiments --out X", seeds=seeds, pairs=[("t1", "t2")],
+                              runs=runs, wall={"seed0/cam": 12.0}, settings=settings,
+                              machine=rep.machine_info("cpu", "auto (fp32)"), figures=["sweep_fused.png"],
+                              dataset="phantom generated per seed")
+
+
+def test_the_document_is_plain_json_with_pooled_summaries():
+    data = _document()
+    text = json.dumps(data, allow_nan=False)  # NaN became null
+    assert json.loads(text) == data
+    cmer = data["summary"]["cmer"]["fused"]
+    assert cmer["dsc_n"] == 24 and cmer["dsc_seeds"] == 3 and cmer["dsc_ci_kind"] == st.CI_SEEDS
+    assert cmer["dsc_mean"] == pytest.approx(0.31)  # 0.3 + the mean of the seed offsets 0, 0.01, 0.02
+    assert cmer["assd_n"] == 21 and cmer["empty_pred"] == 3
+    assert cmer["r_u_pooled"] == pytest.approx(0.2) and cmer["r_o_pooled"] == pytest.approx(0.5)
+    assert data["summary"]["kd_only"]["fused"]["dsc_ci_kind"] == st.CI_BOOTSTRAP  # one seed
+    assert data["commit"] and data["machine"]["cores"] and data["machine"]["torch"]
+
+
+def test_claims_are_paired_by_seed_and_subject():
+    verdicts = {c["claim"]: c for c in _document()["comparisons"]}
+    assert len(verdicts) == len(rep.CLAIMS)
+    assert verdicts["CMER > CAM"]["verdict"] == st.REPRODUCED and verdicts["CMER > CAM"]["n"] == 24
+    assert verdicts["CMER > CAM"]["mean_difference"] == pytest.approx(0.2)
+    # the same per-subject spread in both runs: a constant shift, every pair agrees
+    assert verdicts["Table III: KD + ER > KD"]["verdict"] == st.NOT_REPRODUCED
+    assert verdicts["Table III: KD + ER > KD"]["n"] == 8  # ablations: the first seed only
+    assert verdicts["Table III: ER + CMER > KD + ER"]["verdict"] == st.REPRODUCED
+    one_seed = {c["claim"]: c for c in _document((0,))["comparisons"]}
+    assert one_seed["CMER > SEAM (all)"]["n"] == 8
+
+
+def test_missing_runs_give_inconclusive_claims_and_empty_tables():
+    data = _document()
+    del data["runs"]["er_cmer"]
+    claims = {c["claim"]: c for c in rep.compare_claims(data)}
+    assert claims["Table III: ER + CMER > KD + ER"]["verdict"] == st.INCONCLUSIVE
+    assert "er_cmer" not in rep.table_iii(data)
+
+
+def test_the_page_shows_the_numbers_of_the_document():
+    data = _document()
+    page = rep.render_page(data, title="Experiments")
+    for heading in ("Table II analogue", "Table I analogue", "Table III analogue", "Table IV analogue",
+                    "Table V analogue", "Improvement switches", "paired per volume", "Training wall time"):
+        assert heading in page
+    cmer = data["summary"]["cmer"]["fused"]
+    low, high = cmer["dsc_ci"]
+    assert f"{100 * cmer['dsc_mean']:.1f} ± {100 * cmer['dsc_std']:.1f} [{100 * low:.1f}, {100 * high:.1f}]" in page
+    assert "| cmer (pair) |" in page and "| cmer_deeplab |" in page and "**reproduced**" in page
+    assert "![sweep_fused](sweep_fused.png)" in page
+    assert data["commit"] in page and data["command"] in page
+
+
+def test_write_docs_renders_results_json_and_copies_the_figures(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(_document()))
+    (out / "sweep_fused.png").write_bytes(b"png")
+    page = rep.write_docs(out / "results.json", tmp_path / "docs" / "results.md")
+    text = page.read_text()
+    assert text.startswith("# Results on the embedded phantom") and "Do not edit by hand" in text
+    assert "![results_sweep_fused](figures/results_sweep_fused.png)" in text
+    assert (tmp_path / "docs" / "figures" / "results_sweep_fused.png").read_bytes() == b"png"
+
+
+def test_update_metadata_copies_the_main_cmer_row(tmp_path):
+    meta = tmp_path / "metadata.json"
+    shutil.copyfile(ROOT / "configs" / "metadata.json", meta)
+    before = json.loads(meta.read_text())
+    data = _document()
+    metrics = rep.update_metadata(data, meta)
+    after = json.loads(meta.read_text())
+    assert after["eval_metrics"] == metrics
+    assert metrics["mean_dice_fused"] == round(data["summary"]["cmer"]["fused"]["dsc_mean"], 3)
+    assert set(metrics) == set(before["eval_metrics"])  # the same keys as before
+    assert "seeds [0, 1, 2]" in metrics["dataset"] and "24 test volumes" in metrics["dataset"]
+    assert {k: v for k, v in after.items() if k != "eval_metrics"} == {k: v for k, v in before.items()
+                                                                       if k != "eval_metrics"}
+    with pytest.raises(ValueError):
+        rep.update_metadata({**data, "summary": {}}, meta)
+
+
+def test_sweep_curves_are_kept_in_the_record_and_averaged_over_seeds():
+    from tools.experiment_figures import mean_curves
+
+    thresholds = np.array([0.25, 0.5, 0.75])
+
+    def record(level):
+        return rep.run_record([], {"fused": {"thresholds": thresholds, "dsc_mean": np.full(3, level),
+                                             "dsc_std": np.zeros(3)}})
+
+    assert record(0.2)["sweep"]["fused"] == {"thresholds": [0.25, 0.5, 0.75], "dsc_mean": [0.2, 0.2, 0.2]}
+    data = {"runs": {"cmer": {"seed0": record(0.2), "seed1": record(0.4)}, "cam@t1_t2": {"seed0": record(0.1)},
+                     "stage2": {"seed0": rep.run_record([])}}}
+    curves = mean_curves(data, "fused")
+    assert set(curves) == {"cmer"}
+    assert curves["cmer"][0].tolist() == [0.25, 0.5, 0.75] and curves["cmer"][1] == pytest.approx([0.3] * 3)
