@@ -3,9 +3,10 @@ the whole training set or a fixed number of slices per epoch.
 
 Brain slices of the phantom and of BraTS are mostly healthy (about 2:1); a class-balanced
 sampler shows the networks as many tumour slices as healthy ones per epoch. A fixed epoch
-length (`samples_per_epoch`) decouples the optimiser steps of a run from the size of the
-training set: more subjects then mean more variety for the same compute, and validation
-and the epoch-based schedules keep their cadence.
+length (`max_slices_per_epoch`, a cap: a smaller training set still gets one pass per
+epoch) decouples the optimiser steps of a run from the size of the training set: more
+subjects then mean more variety for the same compute, and validation and the epoch-based
+schedules keep their cadence.
 
 Height-balanced draws (`height_bins`) remove a shortcut: tumours sit mostly in mid-brain
 slices, so on the phantom a slice's height in the head alone predicts its label with 79 %
@@ -19,11 +20,11 @@ from __future__ import annotations
 import torch
 
 
-def slice_sampler(dataset, balanced: bool, seed: int = 0, samples_per_epoch: int | None = None,
+def slice_sampler(dataset, balanced: bool, seed: int = 0, max_slices_per_epoch: int | None = None,
                   height_bins: int = 0):
     """The training sampler: None for the paper's plain shuffling over the whole set (the
-    DataLoader shuffles), a `RandomSampler` drawing `samples_per_epoch` slices per epoch
-    without replacement (a fresh random subset every epoch), or a `WeightedRandomSampler`
+    DataLoader shuffles), a `RandomSampler` drawing `max_slices_per_epoch` slices per epoch
+    without replacement (a fresh random subset every epoch) when the set is larger, or a `WeightedRandomSampler`
     that draws tumour and healthy slices equally often (with replacement), overall or
     within each of `height_bins` bands of slice height.
 
@@ -32,21 +33,21 @@ def slice_sampler(dataset, balanced: bool, seed: int = 0, samples_per_epoch: int
             `height_bins`, a `heights` tensor in [0, 1], e.g. `scripts.data.slices.SliceDataset`.
         balanced: True = class-balanced draws; False = uniform.
         seed: seed of the sampler's generator (draws are reproducible).
-        samples_per_epoch: slices per epoch; None = len(dataset) (one pass). Larger than
-            the dataset is allowed (uniform: whole passes plus a partial one).
+        max_slices_per_epoch: at most this many slices per epoch; None or a number >= the
+            dataset's length = len(dataset) (one pass).
         height_bins: 0 = off; N >= 2 = class-balanced within N equal bands of height (implies
             class balance; a band holding one class only keeps its share, unbalanced).
     """
     labels = torch.as_tensor(dataset.labels, dtype=torch.int64)
-    num_samples = len(labels) if samples_per_epoch is None else int(samples_per_epoch)
-    if num_samples < 1:
-        raise ValueError(f"samples_per_epoch must be >= 1 (got {samples_per_epoch}); "
+    num_samples = len(labels) if max_slices_per_epoch is None else min(int(max_slices_per_epoch), len(labels))
+    if max_slices_per_epoch is not None and int(max_slices_per_epoch) < 1:
+        raise ValueError(f"max_slices_per_epoch must be >= 1 (got {max_slices_per_epoch}); "
                          "set it to null for one pass over the training slices")
     generator = torch.Generator().manual_seed(int(seed))
     if height_bins and int(height_bins) < 2:
         raise ValueError(f"height_bins must be 0 (off) or >= 2 (got {height_bins})")
     if not balanced and not height_bins:
-        if samples_per_epoch is None:
+        if num_samples == len(labels):
             return None
         return torch.utils.data.RandomSampler(range(len(labels)), replacement=False, num_samples=num_samples,
                                               generator=generator)

@@ -54,18 +54,20 @@ def test_balanced_sampler_draws_both_classes_equally():
     assert torch.equal(drawn, torch.tensor(list(slice_sampler(dataset, balanced=True, seed=3))))
 
 
-def test_samples_per_epoch_draws_a_fresh_subset_without_repeats():
+def test_max_slices_per_epoch_draws_a_fresh_subset_without_repeats():
     dataset = types.SimpleNamespace(labels=torch.tensor([1] * 30 + [0] * 70))
-    sampler = slice_sampler(dataset, balanced=False, seed=5, samples_per_epoch=40)
+    sampler = slice_sampler(dataset, balanced=False, seed=5, max_slices_per_epoch=40)
     epoch_1, epoch_2 = list(sampler), list(sampler)
     assert len(epoch_1) == len(epoch_2) == 40
     assert len(set(epoch_1)) == 40  # no slice twice within an epoch
     assert set(epoch_1) != set(epoch_2)  # every epoch sees another subset
-    again = slice_sampler(dataset, balanced=False, seed=5, samples_per_epoch=40)
+    again = slice_sampler(dataset, balanced=False, seed=5, max_slices_per_epoch=40)
     assert list(again) == epoch_1  # reproducible by seed
-    assert len(list(slice_sampler(dataset, balanced=True, seed=5, samples_per_epoch=40))) == 40
-    with pytest.raises(ValueError, match="samples_per_epoch"):
-        slice_sampler(dataset, balanced=False, samples_per_epoch=0)
+    assert len(list(slice_sampler(dataset, balanced=True, seed=5, max_slices_per_epoch=40))) == 40
+    assert slice_sampler(dataset, balanced=False, max_slices_per_epoch=400) is None  # a cap: one pass
+    assert len(list(slice_sampler(dataset, balanced=True, max_slices_per_epoch=400))) == 100
+    with pytest.raises(ValueError, match="max_slices_per_epoch"):
+        slice_sampler(dataset, balanced=False, max_slices_per_epoch=0)
 
 
 def test_train_config_wires_the_epoch_length_into_the_loader():
@@ -75,21 +77,21 @@ def test_train_config_wires_the_epoch_length_into_the_loader():
     parser.read_config("configs/train.yaml")
     parser["train#dataset"] = torch.utils.data.TensorDataset(torch.arange(100))
     parser["train#dataset"].labels = torch.tensor([0, 1] * 50)
-    parser["samples_per_epoch"] = 24
+    parser["max_slices_per_epoch"] = 24
     loader = parser.get_parsed_content("train#dataloader")
     assert len(list(loader.sampler)) == 24 and len(loader) == 2  # batch 16: 24 slices = 2 steps
-    parser["samples_per_epoch"] = None
+    parser["max_slices_per_epoch"] = None
     parser.parse()
     loader = parser.get_parsed_content("train#dataloader")
     assert isinstance(loader.sampler, torch.utils.data.RandomSampler) and len(loader.sampler) == 100
 
 
 def test_height_balanced_draws_make_the_label_independent_of_the_slice_height():
-    heights = torch.linspace(0, 1, 200)
+    heights = torch.linspace(0, 1, 20000)
     labels = ((heights > 0.4) & (heights < 0.75)).long()  # the shortcut: mid-brain = tumour
     labels[::10] = 1 - labels[::10]  # a few exceptions, so most bands hold both classes
     dataset = types.SimpleNamespace(labels=labels, heights=heights)
-    sampler = slice_sampler(dataset, balanced=False, seed=1, samples_per_epoch=20000, height_bins=4)
+    sampler = slice_sampler(dataset, balanced=False, seed=1, height_bins=4)
     drawn = torch.tensor(list(sampler))
     band = (heights[drawn] * 4).long().clamp(max=3)
     for b in range(4):
