@@ -1,9 +1,11 @@
 """Stage 2 (configs/stage2.yaml, configs/stage2_inference.yaml): a tiny end-to-end run, the proof
-that the pseudo-masks read no ground truth, export and inference of the stage-2 network, and
-the small pieces (refinement, ignore label, recorded settings)."""
+that the pseudo-masks read no ground truth, export (with configs/stage2_metadata.json) and
+inference of the stage-2 network, and the small pieces (refinement, ignore label, recorded
+settings)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from scripts.stage2.pseudo_labels import IGNORE_LABEL, PseudoMaskCache, Stage2Vo
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
 META = str(REPO / "configs/metadata.json")
+STAGE2_META = "configs/stage2_metadata.json"
+INFER = [str(REPO / "configs/inference.yaml"), str(REPO / "configs/stage2_inference.yaml")]
 # a tiny phantom at coarse spacing, base 4, one epoch: stage 1 then stage 2 in well under a minute
 TINY = {"make_phantom": True, "phantom#subjects": 6, "phantom#spacing": 6.0, "spatial_size": [40, 40],
         "split": [2, 2, 2], "batch_size": 8}
@@ -100,16 +104,24 @@ def test_pseudo_masks_read_no_ground_truth(trained, tmp_path):
 
 def test_stage2_model_exports_to_torchscript_and_runs_through_inference(trained, tmp_path):
     from monai.bundle.scripts import ckpt_export
+    from monai.data import load_net_with_metadata
 
     model = Path(trained["ckpt_dir"]) / "stage2_model.pt"
-    files = [str(REPO / "configs/inference.yaml"), str(REPO / "configs/stage2_inference.yaml")]
+    files = INFER
+    # the documented command: python -m monai.bundle ckpt_export stage2_network_def ... --meta_file configs/stage2_metadata.json
     ckpt_export(net_id="stage2_network_def", filepath=str(tmp_path / "stage2.ts"), ckpt_file=str(model),
-                meta_file=META, config_file=files, bundle_root=str(REPO), stage2_ckpt_path=str(model),
-                ckpt_path=str(tmp_path / "absent.pt"))
-    scripted = torch.jit.load(str(tmp_path / "stage2.ts"))
+                meta_file=str(REPO / STAGE2_META), config_file=files, bundle_root=str(REPO),
+                stage2_ckpt_path=str(model), ckpt_path=str(tmp_path / "absent.pt"))
+    scripted, meta, extra = load_net_with_metadata(str(tmp_path / "stage2.ts"),
+                                                   more_extra_files=("inference.json", "stage2_inference.json"))
+    assert meta == json.loads((REPO / STAGE2_META).read_text())  # the stage-2 metadata travels inside the .ts
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["num_channels"] == 2 and pred["format"] == "labels"
+    assert b"stage2_network_def" in extra["stage2_inference.json"] and b"network_def" in extra["inference.json"]
     eager = build_from_checkpoint(model)
     x = torch.randn(2, 4, 40, 40)
     assert torch.allclose(scripted(x), eager(x), atol=1e-5)
+    assert scripted(x).shape == (2, pred["num_channels"], 40, 40) and scripted(x).dtype == torch.float32
 
     subject = next(Path(trained["dataset_dir"]).glob("*/Phantom_*"))
     out = tmp_path / "out"
@@ -141,6 +153,33 @@ def test_stage2_only_serving_needs_no_cam_checkpoint(trained, tmp_path):
     workflow.finalize()
     written = sorted(p.name for p in (tmp_path / "o" / subject.name).iterdir())
     assert written == [f"{subject.name}_stage2_mask.nii.gz", f"{subject.name}_stage2_prob.nii.gz"]
+
+
+def test_stage2_metadata_verifies_offline_and_describes_the_stage2_network(monkeypatch):
+    import monai.apps.utils
+    from monai.bundle import verify_net_in_out
+
+    from bundle import SCHEMA_PATH, verify
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("verification tried to download something")
+
+    monkeypatch.setattr(monai.apps.utils, "_download_with_progress", refuse)
+    assert SCHEMA_PATH.is_file()
+    meta = verify.verify_metadata(REPO, meta_file=STAGE2_META)  # the shipped schema, as for metadata.json
+    cam_meta = json.loads(Path(META).read_text())
+    for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                "required_packages_version"):
+        assert meta[key] == cam_meta[key], key
+    image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
+    assert image["channel_def"] == cam_meta["network_data_format"]["inputs"]["image"]["channel_def"]
+    assert image["num_channels"] == 4 and image["format"] == "magnitude" and image["dtype"] == "float32"
+    # logits: argmax over the channels (MONAI's "labels" format), no bounded range
+    assert pred["num_channels"] == 2 and pred["channel_def"] == {"0": "background", "1": "whole tumour"}
+    assert pred["format"] == "labels" and pred["value_range"] == [] and pred["dtype"] == "float32"
+    # MONAI's own check: (1, 4, 40, 40) random input -> 2 float32 channels
+    verify_net_in_out(net_id="stage2_network_def", meta_file=str(REPO / STAGE2_META), config_file=INFER,
+                      device="cpu", n=5, bundle_root=str(REPO), ckpt_path="absent.pt", stage2_ckpt_path="absent.pt")
 
 
 def test_stage2_without_a_cmer_model_stops_with_the_fix(tmp_path):
