@@ -69,8 +69,9 @@ def check_distinct_names(subjects: Iterable) -> None:
 class OutputManifest:
     """The files a run of this bundle wrote into `output_dir` (relative paths per subject).
 
-    The manifest on disk is read once, when the first subject is recorded; each record
-    rewrites it atomically, so an interrupted run still lists everything it wrote.
+    Each record reads the manifest on disk again and rewrites it atomically, so an interrupted
+    run still lists everything it wrote, and several writers of one run (the CAM and the
+    stage-2 outputs of `serve: both`, one subject after the other) keep each other's entries.
     """
 
     def __init__(self, output_dir):
@@ -88,9 +89,10 @@ class OutputManifest:
         return [self.output_dir / p for p in self._load().get(str(subject), []) if (self.output_dir / p).is_file()]
 
     def record(self, subject, files: Sequence[os.PathLike]) -> None:
-        entries = self._load()
+        entries = read_manifest(self.output_dir)  # another writer's entries since our last read stay
         entries[str(subject)] = [Path(os.path.relpath(f, self.output_dir)).as_posix() for f in files]
         atomic_write_json(self.path, {"version": 1, "files": entries})
+        self._files = entries
 
     def replace(self, subject, files: Sequence[os.PathLike]) -> list[Path]:
         """Record `files` for `subject`; delete the subject's earlier files not among them
