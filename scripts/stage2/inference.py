@@ -13,6 +13,10 @@ iteration turns each preprocessed subject into the stage-2 probability and mask,
     <output_dir>/<subject>/<subject>_stage2_prob.nii.gz   float32 tumour probability
 
 beside the CAM outputs, on the input's exact grid (scripts.workflows.inference.write_nifti, atomic).
+
+`serve: both` runs `CAMAndStage2Evaluator`: one pass over the subjects, each loaded and
+preprocessed once, both models on it, then the CAM postprocessing and the stage-2 one.
+`run_selected` picks the engine from `serve`.
 """
 
 from __future__ import annotations
@@ -77,7 +81,8 @@ class Stage2Evaluator(Evaluator):
         self.slice_batch_size = int(slice_batch_size)
         self.precision = precision
 
-    def subject_output(self, item: dict) -> dict:
+    def network_input(self, item: dict) -> torch.Tensor:
+        """The subject's channels in the network's order; a DataError when one is missing."""
         wanted = list(self.network.modalities)
         present = canonical_modalities(item.get("modalities") or wanted)
         missing = [m for m in wanted if m not in present]
@@ -85,10 +90,16 @@ class Stage2Evaluator(Evaluator):
             raise DataError(f"subject {item.get('subject')}: the stage-2 network takes {wanted} together but "
                             f"{missing} has no input file. Fix: add the missing modality file(s), or serve the CAM "
                             f"model (configs/inference.yaml alone), which runs on the modalities present.")
-        image = convert_to_tensor(item["image"], track_meta=False)[[present.index(m) for m in wanted]]
+        return convert_to_tensor(item["image"], track_meta=False)[[present.index(m) for m in wanted]]
+
+    def predict(self, image: torch.Tensor) -> dict:
+        """{"stage2_prob", "stage2_mask"} of a (K, H, W, D) input from `network_input`."""
         probability = stage2_probability(self.network, image, self.slice_batch_size, self.precision)
         return {"stage2_prob": MetaTensor(probability[None]),
                 "stage2_mask": MetaTensor((probability > self.threshold)[None].to(torch.float32))}
+
+    def subject_output(self, item: dict) -> dict:
+        return self.predict(self.network_input(item))
 
     def _iteration(self, engine: Engine, batchdata) -> list[dict]:
         items = batchdata if isinstance(batchdata, list) else decollate_batch(batchdata)
@@ -139,13 +150,58 @@ class SaveStage2Maskd(Transform):
         return data
 
 
-def run_selected(serve: str, cam=None, stage2=None, cam_checkpoint=None, stage2_checkpoint=None) -> list[str]:
-    """Run the inference engines `serve` names: "cam", "stage2" or "both" (CAM first).
+class CAMAndStage2Evaluator(Evaluator):
+    """MONAI Evaluator for `serve: both`: each subject is loaded and preprocessed once, then both
+    models run on it and one `postprocessing` writes both sets of outputs.
+
+    The per-subject steps are those of the two single-model evaluators (`cam.subject_maps`,
+    `stage2.network_input` / `stage2.predict`), so the outputs equal those of `serve: cam` and
+    `serve: stage2`. Hand-written because MONAI's EnsembleEvaluator runs `inferer(inputs, network)`
+    on one collated batch per network, whereas the CAM maps come from the map engine (per-modality
+    networks, gating, missing modalities skipped) and the stage-2 network takes its own channel
+    order; only the iteration is custom, the loop, handlers and postprocessing are MONAI's.
+    The output of a subject holds the CAM evaluator's keys and the stage-2 ones
+    ("stage2_prob", "stage2_mask").
+
+    Args:
+        device: where the networks run.
+        val_data_loader: subjects (inference.yaml's dataloader).
+        cam: the CAMMapEvaluator (inference.yaml's `evaluator`): its network and map engine.
+        stage2: the Stage2Evaluator: its network, threshold and precision.
+        postprocessing: transform run on each subject's merged output (both Invertd + writers).
+        val_handlers: MONAI / ignite handlers to attach (both CheckpointLoaders, the progress lines).
+    """
+
+    def __init__(self, device, val_data_loader, cam, stage2, postprocessing=None, val_handlers=None):
+        super().__init__(device=device, val_data_loader=val_data_loader, postprocessing=postprocessing,
+                         val_handlers=val_handlers, decollate=False)
+        self.cam, self.stage2 = cam, stage2
+
+    def subject_output(self, item: dict) -> dict:
+        image = self.stage2.network_input(item)  # a missing modality stops the run before either model runs
+        return {**self.cam.subject_maps(item), **self.stage2.predict(image)}
+
+    def _iteration(self, engine: Engine, batchdata) -> list[dict]:
+        items = batchdata if isinstance(batchdata, list) else decollate_batch(batchdata)
+        self.cam.network.eval()  # as CAMMapEvaluator's iteration (stage2_probability sets its own)
+        engine.state.batch = items
+        engine.state.output = [self.subject_output(item) for item in items]
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # runs the postprocessing
+        return engine.state.output
+
+
+def run_selected(serve: str, cam=None, stage2=None, both=None, cam_checkpoint=None, stage2_checkpoint=None) -> list[str]:
+    """Run the inference `serve` names: "cam", "stage2" or "both".
+
+    Every checkpoint the choice needs is checked before anything runs. With "both", `both` (one
+    pass over the subjects) runs when given, else `cam` then `stage2`.
 
     Args:
         serve: which model's outputs to write.
         cam: a callable running the CAM inference (e.g. inference.yaml's run step).
         stage2: a callable running the stage-2 inference.
+        both: a callable running both models in one pass (CAMAndStage2Evaluator).
         cam_checkpoint: the CAM checkpoint (must exist when the CAM model is served).
         stage2_checkpoint: the stage-2 checkpoint (must exist when stage 2 is served).
     """
@@ -153,16 +209,18 @@ def run_selected(serve: str, cam=None, stage2=None, cam_checkpoint=None, stage2_
 
     if serve not in SERVE_CHOICES:
         raise BundleError(f"--serve must be one of {list(SERVE_CHOICES)}, got {serve!r}.")
-    ran = []
-    for name, run, checkpoint in (("cam", cam, cam_checkpoint), ("stage2", stage2, stage2_checkpoint)):
-        if serve in (name, "both"):
-            if checkpoint is not None and not Path(checkpoint).is_file():
-                raise MissingCheckpoint(f"no {name} checkpoint at {checkpoint}. Fix: train it first, pass its path "
-                                        f"(--ckpt_path / --stage2_ckpt_path), or choose --serve "
-                                        f"{'stage2' if name == 'cam' else 'cam'}.")
-            run()
-            ran.append(name)
-    return ran
+    models = [name for name in ("cam", "stage2") if serve in (name, "both")]
+    for name, checkpoint in (("cam", cam_checkpoint), ("stage2", stage2_checkpoint)):
+        if name in models and checkpoint is not None and not Path(checkpoint).is_file():
+            raise MissingCheckpoint(f"no {name} checkpoint at {checkpoint}. Fix: train it first, pass its path "
+                                    f"(--ckpt_path / --stage2_ckpt_path), or choose --serve "
+                                    f"{'stage2' if name == 'cam' else 'cam'}.")
+    if serve == "both" and both is not None:
+        both()
+        return models
+    for name in models:
+        {"cam": cam, "stage2": stage2}[name]()
+    return models
 
 
 SERVE_CHOICES = ("cam", "stage2", "both")

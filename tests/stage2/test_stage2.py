@@ -1,10 +1,11 @@
 """Stage 2 (configs/stage2.yaml, configs/stage2_inference.yaml): a tiny end-to-end run, the proof
 that the pseudo-masks read no ground truth, export (with configs/stage2_metadata.json) and
-inference of the stage-2 network, and the small pieces (refinement, ignore label, recorded
-settings)."""
+inference of the stage-2 network (`serve: both` loads each subject once), and the small pieces
+(refinement, ignore label, recorded settings)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -153,6 +154,88 @@ def test_stage2_only_serving_needs_no_cam_checkpoint(trained, tmp_path):
     workflow.finalize()
     written = sorted(p.name for p in (tmp_path / "o" / subject.name).iterdir())
     assert written == [f"{subject.name}_stage2_mask.nii.gz", f"{subject.name}_stage2_prob.nii.gz"]
+
+
+def _serve(serve: str, dataset_dir, output_dir, ckpt_dir, **settings) -> None:
+    """One run of the documented stage-2 inference command."""
+    settings = {"ckpt_path": str(Path(ckpt_dir) / "model.pt"),
+                "stage2_ckpt_path": str(Path(ckpt_dir) / "stage2_model.pt"), **settings}
+    workflow = ConfigWorkflow(config_file=INFER, meta_file=META, workflow_type="infer", logging_file=False,
+                              bundle_root=str(REPO), device="$torch.device('cpu')", dataset_dir=str(dataset_dir),
+                              output_dir=str(output_dir), serve=serve, **settings)
+    workflow.initialize()
+    try:
+        workflow.run()
+    finally:
+        workflow.finalize()
+
+
+def _nifti_contents(folder: Path) -> dict[str, bytes]:
+    """Relative path -> uncompressed NIfTI bytes (header and voxels; gzip's time stamp left out)."""
+    return {p.relative_to(folder).as_posix(): gzip.decompress(p.read_bytes()) for p in sorted(folder.rglob("*.nii.gz"))}
+
+
+def test_serve_both_loads_each_subject_once_and_equals_the_separate_runs(trained, tmp_path, monkeypatch):
+    import scripts.workflows.inference as cam_inference
+    from monai.transforms import Compose
+    from scripts.data.preprocessing import volume_preprocessing
+
+    subjects = sorted(Path(trained["dataset_dir"]).glob("*/Phantom_*"))[:2]
+    data = tmp_path / "in"
+    for subject in subjects:
+        shutil.copytree(subject, data / subject.name)
+    ckpt_dir = trained["ckpt_dir"]
+    _serve("cam", data, tmp_path / "cam", ckpt_dir)
+    _serve("stage2", data, tmp_path / "stage2", ckpt_dir)
+
+    loads, reads, preprocessed = [], [], []
+    load_subject, load_volume, compose_call = cam_inference.LoadSubjectd.__call__, cam_inference.load_volume, Compose.__call__
+    preprocessing_ids = set()
+
+    def counting_volume_preprocessing(*args, **kwargs):  # the Compose inference.yaml builds
+        compose = volume_preprocessing(*args, **kwargs)
+        preprocessing_ids.add(id(compose))
+        return compose
+
+    def counting_compose(self, data, *args, **kwargs):
+        if id(self) in preprocessing_ids:
+            preprocessed.append(data["subject"])
+        return compose_call(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(cam_inference.LoadSubjectd, "__call__",
+                        lambda self, record: loads.append(record["subject"]) or load_subject(self, record))
+    monkeypatch.setattr(cam_inference, "load_volume", lambda path, *a: reads.append(str(path)) or load_volume(path, *a))
+    monkeypatch.setattr(Compose, "__call__", counting_compose)
+    monkeypatch.setattr("scripts.data.preprocessing.volume_preprocessing", counting_volume_preprocessing)
+    _serve("both", data, tmp_path / "both", ckpt_dir)
+
+    names = [s.name for s in subjects]
+    assert sorted(loads) == sorted(preprocessed) == names  # one load and one preprocessing per subject
+    assert len(reads) == len(set(reads)) == 4 * len(names)  # every modality file read once
+    both = _nifti_contents(tmp_path / "both")
+    separate = {**_nifti_contents(tmp_path / "cam"), **_nifti_contents(tmp_path / "stage2")}
+    assert set(both) == set(separate) and len(both) == len(names) * (5 + 1 + 2)  # 4 CAMs + fused, mask, stage-2 x 2
+    for name, content in separate.items():
+        assert both[name] == content, name  # byte-identical NIfTI (header and voxels)
+    manifest = json.loads((tmp_path / "both" / ".manifest.json").read_text())["files"]
+    assert set(manifest) == set(names) | {f"stage2:{n}" for n in names}  # both writers' entries kept
+
+
+def test_serve_both_checks_both_checkpoints_and_modalities_before_writing(trained, tmp_path):
+    subject = sorted(Path(trained["dataset_dir"]).glob("*/Phantom_*"))[0]
+    with pytest.raises(Exception) as raised:
+        _serve("both", subject, tmp_path / "o1", trained["ckpt_dir"], stage2_ckpt_path=str(tmp_path / "absent.pt"))
+    error = project_error(raised.value)
+    assert isinstance(error, MissingCheckpoint) and "no stage2 checkpoint" in str(error)
+    partial = tmp_path / subject.name
+    shutil.copytree(subject, partial)
+    next(partial.glob("*_t2.nii.gz")).unlink()
+    with pytest.raises(Exception) as raised:
+        _serve("both", partial, tmp_path / "o2", trained["ckpt_dir"])
+    error = project_error(raised.value)
+    assert "the stage-2 network takes" in str(error) and "['t2'] has no input file" in str(error)
+    for out in (tmp_path / "o1", tmp_path / "o2"):
+        assert not list(out.rglob("*.nii.gz"))  # nothing written, CAM outputs included
 
 
 def test_stage2_metadata_verifies_offline_and_describes_the_stage2_network(monkeypatch):
