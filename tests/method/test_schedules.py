@@ -77,10 +77,16 @@ def test_train_config_wires_the_epoch_length_into_the_loader():
     parser.read_config("configs/train.yaml")
     parser["train#dataset"] = torch.utils.data.TensorDataset(torch.arange(100))
     parser["train#dataset"].labels = torch.tensor([0, 1] * 50)
+    parser["train#dataset"].heights = torch.linspace(0, 1, 100)
     parser["max_slices_per_epoch"] = 24
-    loader = parser.get_parsed_content("train#dataloader")
+    loader = parser.get_parsed_content("train#dataloader")  # the default: height-balanced draws
+    assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler)
     assert len(list(loader.sampler)) == 24 and len(loader) == 2  # batch 16: 24 slices = 2 steps
-    parser["max_slices_per_epoch"] = None
+    parser["height_bins"] = 0
+    parser.parse()
+    loader = parser.get_parsed_content("train#dataloader")
+    assert isinstance(loader.sampler, torch.utils.data.RandomSampler) and len(loader.sampler) == 24
+    parser["max_slices_per_epoch"] = None  # the paper: the DataLoader shuffles every slice
     parser.parse()
     loader = parser.get_parsed_content("train#dataloader")
     assert isinstance(loader.sampler, torch.utils.data.RandomSampler) and len(loader.sampler) == 100
