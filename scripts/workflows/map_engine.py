@@ -30,6 +30,7 @@ from scripts.common import MODALITIES
 from scripts.data.slices import slice_zscore
 from scripts.model.cams import FUSIONS, METHODS, TTA_CHOICES, _device_of, augmented_maps, binarise, fuse_maps, gate_maps
 from scripts.precision import autocast, resolve_precision
+from scripts.runtime import as_flag
 
 SLICE_NORMALIZATIONS = ("none", "zscore")
 
@@ -119,7 +120,8 @@ class MapEngine:
         slice_normalization = slice_normalization or "none"
         if slice_normalization not in SLICE_NORMALIZATIONS:
             raise ValueError(f"slice_normalization must be one of {SLICE_NORMALIZATIONS}, got {slice_normalization!r}")
-        self.method, self.gate, self.gate_threshold = method, bool(gate), float(gate_threshold)
+        # as_flag: `--gate false` arrives as the string 'false', which bool() would read as True
+        self.method, self.gate, self.gate_threshold = method, as_flag(gate, "gate"), float(gate_threshold)
         self.fusion, self.threshold, self.tta = fusion, float(threshold), tta
         self.slice_batch_size = int(slice_batch_size)
         self.precision = precision

@@ -16,6 +16,7 @@ from monai.utils import CommonKeys as Keys
 
 from scripts.model.cams import binarise
 from scripts.precision import resolve_precision, to_memory_format
+from scripts.runtime import as_flag
 from scripts.workflows.map_engine import MapEngine
 
 
@@ -72,7 +73,7 @@ class CAMValidator(Evaluator):
         self.network = to_memory_format(network, channels_last)
         self.modalities = modalities
         # A fully supervised network's softmax maps are not gated (as before: gating is the CAM method's).
-        self.engine = MapEngine(method=map_kind, gate=gate and map_kind == "cam", gate_threshold=gate_threshold,
+        self.engine = MapEngine(method=map_kind, gate=as_flag(gate, "gate") and map_kind == "cam", gate_threshold=gate_threshold,
                                 fusion=fusion, threshold=threshold, slice_batch_size=slice_batch_size,
                                 precision=self.precision, slice_normalization=slice_normalization)
 

@@ -199,3 +199,14 @@ def test_brats_geometry_at_1mm_keeps_the_whole_brain(phantoms):
     kept_mm3 = brain.sum() * 27.0
     source_mm3 = float((np.asarray(source.dataobj) != 0).sum())
     assert abs(kept_mm3 - source_mm3) / source_mm3 < 0.05
+
+
+def test_gate_from_the_command_line_is_read_as_a_flag():
+    """`--gate false` reaches the config as the string 'false' (fire), which bool() reads as True."""
+    from scripts.runtime import BundleError
+    from scripts.workflows.map_engine import MapEngine
+
+    assert MapEngine(method="softmax", gate="false").gate is False
+    assert MapEngine(method="cam", gate="True").gate is True
+    with pytest.raises(BundleError, match="--gate must be true or false"):
+        MapEngine(gate="maybe")
