@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 
-import nibabel as nib
 import numpy as np
+from monai.transforms import LoadImage
 
 
 def slice_table(records, modality: str) -> dict[str, np.ndarray]:
@@ -33,16 +33,17 @@ def slice_table(records, modality: str) -> dict[str, np.ndarray]:
         records: subject records of `scripts.data.subjects.discover_subjects` (with "seg").
         modality: the image whose non-zero voxels define the brain.
     """
+    load = LoadImage(image_only=True)  # the volumes as stored: no orientation change, no resampling
     area, height, label = [], [], []
     for record in records:
         if record.get("seg") is None:
             continue
         if "images" in record:
-            image = np.asarray(nib.load(record["images"][modality]).dataobj)
+            image = np.asarray(load(record["images"][modality]))
         else:
             channel = list(record["channels"]).index(modality)
-            image = np.asarray(nib.load(record["image4d"]).dataobj)[..., channel]
-        seg = np.asarray(nib.load(record["seg"]).dataobj) > 0
+            image = np.asarray(load(record["image4d"]))[..., channel]
+        seg = np.asarray(load(record["seg"])) > 0
         brain_area = (image != 0).reshape(-1, image.shape[2]).sum(0)
         tumour = seg.reshape(-1, seg.shape[2]).any(0)
         z = np.flatnonzero(brain_area)
