@@ -24,9 +24,9 @@ def slice_sampler(dataset, balanced: bool, seed: int = 0, max_slices_per_epoch: 
                   height_bins: int = 0):
     """The training sampler: None for the paper's plain shuffling over the whole set (the
     DataLoader shuffles), a `RandomSampler` drawing `max_slices_per_epoch` slices per epoch
-    without replacement (a fresh random subset every epoch) when the set is larger, or a `WeightedRandomSampler`
-    that draws tumour and healthy slices equally often (with replacement), overall or
-    within each of `height_bins` bands of slice height.
+    without replacement (a fresh random subset every epoch) when the set is larger, or a
+    `WeightedRandomSampler` that draws tumour and healthy slices equally often (with
+    replacement), overall or within each of `height_bins` bands of slice height.
 
     Args:
         dataset: a dataset with a `labels` tensor (0 healthy / 1 tumour per slice) and, for
@@ -38,14 +38,14 @@ def slice_sampler(dataset, balanced: bool, seed: int = 0, max_slices_per_epoch: 
         height_bins: 0 = off; N >= 2 = class-balanced within N equal bands of height (implies
             class balance; a band holding one class only keeps its share, unbalanced).
     """
-    labels = torch.as_tensor(dataset.labels, dtype=torch.int64)
-    num_samples = len(labels) if max_slices_per_epoch is None else min(int(max_slices_per_epoch), len(labels))
     if max_slices_per_epoch is not None and int(max_slices_per_epoch) < 1:
         raise ValueError(f"max_slices_per_epoch must be >= 1 (got {max_slices_per_epoch}); "
                          "set it to null for one pass over the training slices")
-    generator = torch.Generator().manual_seed(int(seed))
     if height_bins and int(height_bins) < 2:
         raise ValueError(f"height_bins must be 0 (off) or >= 2 (got {height_bins})")
+    labels = torch.as_tensor(dataset.labels, dtype=torch.int64)
+    num_samples = len(labels) if max_slices_per_epoch is None else min(int(max_slices_per_epoch), len(labels))
+    generator = torch.Generator().manual_seed(int(seed))
     if not balanced and not height_bins:
         if num_samples == len(labels):
             return None
