@@ -83,13 +83,21 @@ class PseudoMaskCache:
         gate_threshold: tumour probability a slice must exceed to keep its map.
         fusion: "max" (the paper) or "mean".
         threshold: binarisation threshold of the fused map (the engine's `threshold`).
+        map_modalities: the modalities whose maps are fused into the pseudo-mask; None = every
+            network of the model (the paper's fusion); a list, e.g. ["flair"]; or "auto": the
+            networks whose slice accuracy on `selection_records` reaches `min_slice_accuracy`
+            (scripts/stage2/selection.py; slice labels only).
+        selection_records: the subjects "auto" scores the networks on (the validation split).
+        min_slice_accuracy: the slice accuracy (0-1) a network needs under "auto".
         slice_batch_size: slices per forward.
         precision: autocast of the networks (scripts.precision); None = fp32.
     """
 
     def __init__(self, cache_dir, ckpt_path, volume_cache: VolumeCache, device="cpu", method: str = "cam",
                  gate: bool = True, gate_threshold: float = 0.5, fusion: str = "max", threshold: float = 0.5,
-                 slice_batch_size: int = 32, precision: str | None = None):
+                 slice_batch_size: int = 32, precision: str | None = None,
+                 map_modalities: Sequence[str] | str | None = None, selection_records: Sequence[dict] = (),
+                 min_slice_accuracy: float = 0.9):
         self.cache_dir = Path(cache_dir).expanduser().absolute()
         self.ckpt_path = str(ckpt_path)
         self.volume_cache = volume_cache
@@ -97,6 +105,11 @@ class PseudoMaskCache:
         self.threshold = float(threshold)
         self.engine_settings = {"method": method, "gate": bool(gate), "gate_threshold": float(gate_threshold),
                                 "fusion": fusion, "threshold": float(threshold)}
+        self.auto = isinstance(map_modalities, str) and map_modalities.strip().lower() == "auto"
+        self.map_modalities = None if map_modalities is None or self.auto else canonical_modalities(map_modalities)
+        self.selection_records = list(selection_records)
+        self.min_slice_accuracy = float(min_slice_accuracy)
+        self.slice_accuracy: dict[str, float] = {}  # filled by "auto"
         self.slice_batch_size = int(slice_batch_size)
         self.precision = precision
         self._model: MultiModalCAM | None = None
@@ -113,12 +126,40 @@ class PseudoMaskCache:
     def modalities(self) -> list[str]:
         return list(self.model.modalities)
 
+    @property
+    def fused_modalities(self) -> list[str]:
+        """The modalities whose maps make the pseudo-mask (checked against the model's networks)."""
+        if self.auto and self.map_modalities is None:
+            self.map_modalities = self._select()
+        if self.map_modalities is None:
+            return self.modalities
+        missing = [m for m in self.map_modalities if m not in self.modalities]
+        if missing:
+            raise ValueError(f"pseudo_modalities {missing} have no network in the CMER model {self.ckpt_path} "
+                             f"(it has {self.modalities}). Fix: choose among {self.modalities} or null for all.")
+        return list(self.map_modalities)
+
+    def _select(self) -> list[str]:
+        from scripts.stage2.selection import choose_modalities, slice_accuracies
+
+        self.slice_accuracy = slice_accuracies(self.model, self.volume_cache, self.selection_records,
+                                               self.engine_settings["gate_threshold"], self.slice_batch_size,
+                                               self.precision)
+        chosen = choose_modalities(self.slice_accuracy, self.min_slice_accuracy)
+        scores = ", ".join(f"{m} {100 * a:.1f}" for m, a in self.slice_accuracy.items())
+        print(f"[stage2] pseudo-mask maps (auto: validation slice accuracy >= {100 * self.min_slice_accuracy:.0f} %, "
+              f"{len(self.selection_records)} subjects; {scores}): {', '.join(chosen)}", flush=True)
+        return chosen
+
     def key(self, record: dict) -> str:
         """Hash of what the maps depend on: images, CAM weights, engine and preprocessing."""
         if self._digest is None:
             self._digest = file_digest(self.ckpt_path)
         cache = self.volume_cache
-        recipe = {"version": PSEUDO_VERSION, "checkpoint": self._digest, "engine": self.engine_settings,
+        engine = dict(self.engine_settings)
+        if self.map_modalities is not None or self.auto:  # in the key only when set: the default's names stay
+            engine["map_modalities"] = self.fused_modalities
+        recipe = {"version": PSEUDO_VERSION, "checkpoint": self._digest, "engine": engine,
                   "spatial_size": cache.spatial_size, "spacing": cache.spacing, "normalization": cache.normalization,
                   "channels": record.get("channels"), "images": [_file_signature(p) for p in _image_files(record)]}
         digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
@@ -127,8 +168,14 @@ class PseudoMaskCache:
     def path(self, record: dict) -> Path:
         return self.cache_dir / f"{self.key(record)}.fused.npy"
 
-    def compute(self, record: dict) -> np.ndarray:
-        """(H, W, D) float32 fused map of one subject through the map engine (not cached)."""
+    def compute(self, record: dict, modalities: Sequence[str] | None = None) -> np.ndarray:
+        """(H, W, D) float32 fused map of one subject through the map engine (not cached).
+
+        Args:
+            record: the subject's datalist record.
+            modalities: whose maps are fused; default `fused_modalities` (the pseudo-masks').
+        """
+        fused_modalities = self.fused_modalities if modalities is None else list(modalities)
         volume = self.volume_cache.get(record)
         settings = self.model.settings
         engine = MapEngine(method=self.engine_settings["method"], gate=self.engine_settings["gate"],
@@ -137,7 +184,8 @@ class PseudoMaskCache:
                            slice_normalization=settings.slice_normalization)
         channels = [MODALITIES.index(m) for m in self.modalities]
         image = torch.as_tensor(volume["image"])[channels]
-        result = engine(self.model, image, channels=self.modalities, brain=volume["brain"])
+        nets = dict(zip(self.modalities, self.model.nets))
+        result = engine({m: nets[m] for m in fused_modalities}, image, channels=self.modalities, brain=volume["brain"])
         self.computed += 1
         return result.fused.numpy().astype(np.float32)
 

@@ -10,8 +10,10 @@ Rows (per volume, 3D, scripts.workflows.metrics's DSC / ASSD and empty-case rule
   here and nowhere in the stage-2 training): `pseudo_raw` (fused CMER map > threshold) and
   `pseudo_refined` (after the refinement switches; ignored pixels count as background),
   with the fraction of brain voxels the confidence filter ignored;
-- test split: `stage1` (the CMER fused mask, the map engine with the pseudo-masks' settings,
-  as configs/evaluate.yaml computes it) and `stage2` (the segmentation network's mask).
+- test split: `stage1` (the CMER fused mask of every network, the map engine with the
+  pseudo-masks' settings, as configs/evaluate.yaml computes it), `stage1_pseudo` (only when
+  `pseudo_modalities` fuses a subset: the fused mask of those networks, what stage 2 learnt
+  from) and `stage2` (the segmentation network's mask).
 
 Writes `stage2_report.md` and `stage2_per_subject.csv` into the output folder and prints them.
 """
@@ -109,11 +111,14 @@ class Stage2Report:
         for record in load_datalist(self.datalist, self.test_split):
             volume = self.volume_cache.get(record)
             truth, spacing = self._truth(volume), volume["spacing"].tolist()
-            stage1 = pseudo.compute(record) > pseudo.threshold
+            # stage 1 = the CMER fused mask of every network (the paper's), whatever the pseudo-masks fuse
+            masks = [("stage1", pseudo.compute(record, pseudo.modalities) > pseudo.threshold)]
+            if self.subset_pseudo:
+                masks.append(("stage1_pseudo", pseudo.compute(record) > pseudo.threshold))
             probability = stage2_probability(stage2_net, torch.as_tensor(volume["image"])[channels],
                                              self.slice_batch_size)
-            stage2 = probability.numpy() > self.stage2_threshold
-            for name, pred in (("stage1", stage1), ("stage2", stage2)):
+            masks.append(("stage2", probability.numpy() > self.stage2_threshold))
+            for name, pred in masks:
                 rows.append({"split": self.test_split, **volume_row(volume["subject"], name, pred, truth, spacing),
                              "ignored_fraction": 0.0})
         return rows
@@ -124,7 +129,7 @@ class Stage2Report:
         self.rows = self.training_rows() + self.test_rows(stage2_net)
         summary = {}
         for split, names in (("training", ("pseudo_raw", "pseudo_refined")), (SWITCHES, SWITCH_NAMES),
-                             (self.test_split, ("stage1", "stage2"))):
+                             (self.test_split, self.test_maps)):
             summary[split] = {n: summarise_rows([r for r in self.rows if r["split"] == split and r["map"] == n],
                                                 self.pseudo_threshold) for n in names}
         text = self.markdown(summary)
@@ -138,6 +143,16 @@ class Stage2Report:
         return float(np.mean(values)) if values else 0.0
 
     @property
+    def subset_pseudo(self) -> bool:
+        """The pseudo-masks fuse a subset of the networks (`pseudo_modalities`)."""
+        pseudo = self.labels.pseudo
+        return list(pseudo.fused_modalities) != list(pseudo.modalities)
+
+    @property
+    def test_maps(self) -> tuple[str, ...]:
+        return ("stage1", "stage1_pseudo", "stage2") if self.subset_pseudo else ("stage1", "stage2")
+
+    @property
     def pseudo_threshold(self) -> float:
         return self.labels.pseudo.threshold
 
@@ -145,12 +160,14 @@ class Stage2Report:
         tests = [r for r in self.rows if r["split"] == self.test_split]
         subjects = list(dict.fromkeys(r["subject"] for r in tests))
         cell = {(r["subject"], r["map"]): r for r in tests}
-        lines = ["| subject | stage 1 DSC (%) | stage 2 DSC (%) | stage 1 ASSD (mm) | stage 2 ASSD (mm) |",
-                 "|---|---|---|---|---|"]
+        names = {"stage1": "stage 1", "stage1_pseudo": "stage 1 (pseudo-mask maps)", "stage2": "stage 2"}
+        maps = self.test_maps
+        lines = ["| subject | " + " | ".join(f"{names[m]} DSC (%)" for m in maps) + " | "
+                 + " | ".join(f"{names[m]} ASSD (mm)" for m in maps) + " |", "|---" * (1 + 2 * len(maps)) + "|"]
         for subject in subjects:
-            one, two = cell[(subject, "stage1")], cell[(subject, "stage2")]
-            lines.append(f"| {subject} | {100 * one['dsc']:.1f} | {100 * two['dsc']:.1f} | {_mm(one['assd'])} "
-                         f"| {_mm(two['assd'])} |")
+            row = [cell[(subject, m)] for m in maps]
+            lines.append(f"| {subject} | " + " | ".join(f"{100 * r['dsc']:.1f}" for r in row) + " | "
+                         + " | ".join(_mm(r["assd"]) for r in row) + " |")
         return "\n".join(lines) + "\n"
 
     def markdown(self, summary: dict) -> str:
@@ -159,7 +176,8 @@ class Stage2Report:
         return "\n".join([
             "# Stage 2: segmentation network trained on the CMER pseudo-masks", "",
             f"Stage-2 model {self.stage2_ckpt_path}; pseudo-masks from {self.labels.pseudo.ckpt_path} "
-            f"(fused > {self.pseudo_threshold:g}); refinement: {refine}.", "",
+            f"(fused > {self.pseudo_threshold:g}, maps of {', '.join(self.labels.pseudo.fused_modalities)}); "
+            f"refinement: {refine}.", "",
             "## Pseudo-masks of the training split against the ground truth (reporting only)", "",
             format_table(summary["training"]),
             f"Confidence filter: {100 * float(np.mean(ignored)) if ignored else 0.0:.1f} % of the brain voxels "
@@ -167,7 +185,7 @@ class Stage2Report:
             "Each refinement switch on its own (training split; the confidence filter scored over the voxels it "
             f"keeps, {100 * self._mean_ignored('confidence_filter'):.1f} % of the brain voxels ignored):", "",
             format_table(summary[SWITCHES]),
-            f"## Test split ({self.test_split}): stage 1 (CMER fused mask) vs stage 2", "",
+            f"## Test split ({self.test_split}): stage 1 (CMER fused mask of every network) vs stage 2", "",
             format_table(summary[self.test_split]),
             "Per volume:", "", self.per_volume_table()])
 

@@ -9,6 +9,7 @@ import gzip
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -64,11 +65,13 @@ def test_tiny_stage2_run_trains_saves_the_best_model_and_reports(trained):
     assert net.settings.modalities == ["t1", "t1c", "t2", "flair"] and net.settings.spatial_size == [40, 40]
     assert net.settings.spacing == [6.0, 6.0, 6.0]
     report = (root / "stage2" / "stage2_report.md").read_text()
+    # the default `pseudo_modalities: auto` keeps one network of this 1-epoch model (none reaches 90 %), so
+    # the test rows are stage 1 (every network, the paper's fusion), stage 1 of that network, and stage 2
     for row in ("| pseudo_raw |", "| pseudo_refined |", "| largest_component_volume |", "| confidence_filter |",
-                "| stage1 |", "| stage2 |"):
+                "| stage1 |", "| stage1_pseudo |", "| stage2 |"):
         assert row in report
     rows = (root / "stage2" / "stage2_per_subject.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 2 + 2 * 3 + 2 * 2  # header; 2 training x (2 pseudo + 3 switch) rows; 2 test x 2
+    assert len(rows) == 1 + 2 * 2 + 2 * 3 + 2 * 3  # header; 2 training x (2 pseudo + 3 switch) rows; 2 test x 3
     pseudo = list((Path(trained["cache_dir"]) / "stage2_pseudo").glob("*.fused.npy"))
     assert len(pseudo) == 4  # training + validation subjects; never the test split
     test_subjects = {r["subject"] for r in load_datalist(Path(trained["dataset_dir"]) / "datalist.json", "testing")}
@@ -101,6 +104,75 @@ def test_pseudo_masks_read_no_ground_truth(trained, tmp_path):
         assert a.max() > 0 and np.array_equal(a, b)
     truth_after = volumes_after.get(records[0])["mask"]
     assert not torch.equal(truth_before, truth_after)  # the scramble did change the ground truth
+
+
+def test_pseudo_modalities_fuse_only_the_chosen_networks(trained, tmp_path):
+    """`pseudo_modalities: [flair]` makes pseudo-masks from the FLAIR network's map alone, under a
+    key of its own; the report's stage-1 row stays the fusion of every network."""
+    from scripts.workflows.map_engine import MapEngine
+
+    records = load_datalist(Path(trained["dataset_dir"]) / "datalist.json", "training")
+    model = Path(trained["ckpt_dir"]) / "model.pt"
+    volumes = VolumeCache(trained["cache_dir"], spatial_size=[40, 40], spacing=6.0)
+    every = PseudoMaskCache(tmp_path / "every", model, volumes, gate=False)
+    flair = PseudoMaskCache(tmp_path / "flair", model, volumes, gate=False, map_modalities=["flair"])
+    volume = volumes.get(records[0])
+    maps = MapEngine(gate=False)(every.model, volume["image"], brain=volume["brain"])
+    expected = maps.maps[maps.names.index("flair")].numpy()
+    assert np.allclose(flair.fused(records[0]), expected, atol=1e-6)
+    assert np.allclose(every.fused(records[0]), maps.fused.numpy(), atol=1e-6)
+    assert not np.allclose(expected, maps.fused.numpy())  # the subset is not the fusion of all
+    assert np.allclose(flair.compute(records[0], flair.modalities), maps.fused.numpy(), atol=1e-6)
+    assert flair.key(records[0]) != every.key(records[0])
+    with pytest.raises(ValueError):
+        PseudoMaskCache(tmp_path / "x", model, volumes, map_modalities=["t1", "pd"])  # not a modality
+    two = PseudoMaskCache(tmp_path / "y", model, volumes, map_modalities=["flair"])
+    two._model = SimpleNamespace(modalities=["t1", "t2"], nets=[])  # a CMER model without a FLAIR network
+    with pytest.raises(ValueError, match="no network"):
+        two.fused(records[0])
+
+
+def test_choose_modalities_keeps_the_accurate_networks_or_the_best_one(caplog):
+    from scripts.stage2.selection import choose_modalities
+
+    accuracies = {"t1": 0.71, "t1c": 0.77, "t2": 0.68, "flair": 0.945}
+    assert choose_modalities(accuracies, 0.9) == ["flair"]
+    assert choose_modalities(accuracies, 0.7) == ["t1", "t1c", "flair"]
+    assert choose_modalities(accuracies, 0.99) == ["flair"] and "no network reaches" in caplog.text
+    assert choose_modalities({"t1": float("nan"), "t2": float("nan")}, 0.9) == ["t1", "t2"]
+
+
+def test_auto_pseudo_modalities_score_the_networks_on_slice_labels(trained, tmp_path, capsys):
+    """`auto` scores every network's slice classification on the validation subjects (the slice
+    labels weak training uses) and keeps those above the bar; the choice is part of the key."""
+    from scripts.model.cams import tumour_probability
+    from scripts.stage2.selection import slice_accuracies
+
+    datalist = Path(trained["dataset_dir"]) / "datalist.json"
+    records, validation = load_datalist(datalist, "training"), load_datalist(datalist, "validation")
+    model = Path(trained["ckpt_dir"]) / "model.pt"
+    volumes = VolumeCache(trained["cache_dir"], spatial_size=[40, 40], spacing=6.0)
+    every = PseudoMaskCache(tmp_path / "a", model, volumes, map_modalities="auto", selection_records=validation,
+                            min_slice_accuracy=0.0)
+    assert every.fused_modalities == every.modalities
+    best = PseudoMaskCache(tmp_path / "b", model, volumes, map_modalities="auto", selection_records=validation,
+                           min_slice_accuracy=1.01)
+    accuracy = slice_accuracies(best.model, volumes, validation)
+    assert best.fused_modalities == [max(accuracy, key=accuracy.get)]
+    assert "[stage2] pseudo-mask maps (auto" in capsys.readouterr().out
+    assert best.key(records[0]) != every.key(records[0])
+    # the same figure computed by hand: tumour probability > 0.5 against "any tumour voxel", brain slices
+    correct = counted = 0
+    with torch.no_grad():
+        for record in validation:
+            volume = volumes.get(record)
+            net = best.model.nets[best.modalities.index("flair")]
+            probability = tumour_probability(net(volume["image"][3].permute(2, 0, 1)[:, None]).float())
+            label = volume["mask"][0].reshape(-1, volume["mask"].shape[-1]).any(0)
+            brain = volume["brain"].bool()
+            correct += int(((probability > 0.5) == label)[brain].sum())
+            counted += int(brain.sum())
+    assert accuracy["flair"] == pytest.approx(correct / counted)
 
 
 def test_stage2_model_exports_to_torchscript_and_runs_through_inference(trained, tmp_path):
