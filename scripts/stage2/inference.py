@@ -36,6 +36,7 @@ from scripts.common import canonical_modalities
 from scripts.data.subjects import DataError
 from scripts.workflows.output_files import OutputManifest, file_name
 from scripts.precision import autocast, resolve_precision
+from scripts.runtime import as_flag
 
 MANIFEST_PREFIX = "stage2:"  # the stage-2 files' own manifest entry: a CAM rerun never deletes them
 
@@ -126,7 +127,7 @@ class SaveStage2Maskd(Transform):
     def __init__(self, output_dir, write_probability: bool = True, prob_key: str = "stage2_prob",
                  mask_key: str = "stage2_mask"):
         self.output_dir = Path(output_dir)
-        self.write_probability = bool(write_probability)
+        self.write_probability = as_flag(write_probability, "stage2_write_probability")
         self.prob_key, self.mask_key = prob_key, mask_key
         self.manifest = OutputManifest(self.output_dir)
 

@@ -31,7 +31,7 @@ from scripts.common import MODALITIES, atomic_path, canonical_modalities
 from scripts.data.volumes import VolumeCache, _file_signature
 from scripts.workflows.map_engine import MapEngine
 from scripts.model.networks import MultiModalCAM, model_settings
-from scripts.runtime import BundleError, MissingCheckpoint
+from scripts.runtime import BundleError, MissingCheckpoint, as_flag
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +103,12 @@ class PseudoMaskCache:
         self.volume_cache = volume_cache
         self.device = torch.device(device)
         self.threshold = float(threshold)
-        self.engine_settings = {"method": method, "gate": bool(gate), "gate_threshold": float(gate_threshold),
+        self.engine_settings = {"method": method, "gate": as_flag(gate, "pseudo_gate"), "gate_threshold": float(gate_threshold),
                                 "fusion": fusion, "threshold": float(threshold)}
-        self.auto = isinstance(map_modalities, str) and map_modalities.strip().lower() == "auto"
+        word = map_modalities.strip().lower() if isinstance(map_modalities, str) else None
+        self.auto = word == "auto"
+        if word in ("null", "none", "all"):  # `--pseudo_modalities null` arrives as the string 'null'
+            map_modalities = None
         self.map_modalities = None if map_modalities is None or self.auto else canonical_modalities(map_modalities)
         self.selection_records = list(selection_records)
         self.min_slice_accuracy = float(min_slice_accuracy)
@@ -278,6 +281,9 @@ class PseudoLabels:
         self.pseudo = pseudo
         self.threshold = float(threshold)
         self.refine = dict(refine or {})
+        for flag in ("largest_component", "confidence_filter"):  # `--stage2_refine#... false` arrives as 'false'
+            if flag in self.refine:
+                self.refine[flag] = as_flag(self.refine[flag], f"stage2_refine#{flag}")
         self._labels: dict[str, np.ndarray] = {}
 
     @property

@@ -124,6 +124,9 @@ def test_pseudo_modalities_fuse_only_the_chosen_networks(trained, tmp_path):
     assert not np.allclose(expected, maps.fused.numpy())  # the subset is not the fusion of all
     assert np.allclose(flair.compute(records[0], flair.modalities), maps.fused.numpy(), atol=1e-6)
     assert flair.key(records[0]) != every.key(records[0])
+    for word in ("null", "None", "all"):  # as the command line passes `--pseudo_modalities null`
+        same = PseudoMaskCache(tmp_path / "every", model, volumes, gate=False, map_modalities=word)
+        assert same.fused_modalities == every.modalities and same.key(records[0]) == every.key(records[0])
     with pytest.raises(ValueError):
         PseudoMaskCache(tmp_path / "x", model, volumes, map_modalities=["t1", "pd"])  # not a modality
     two = PseudoMaskCache(tmp_path / "y", model, volumes, map_modalities=["flair"])
@@ -378,6 +381,17 @@ def test_refinement_switches():
     assert (filtered[:, :, 2] == IGNORE_LABEL).sum() == 4 and filtered[2, 2, 0] == 1
     with pytest.raises(BundleError, match="ignore_low < ignore_high"):
         refine_labels(fused, confidence_filter=True, ignore_low=0.7, ignore_high=0.3)
+
+
+def test_switches_from_the_command_line_are_read_as_flags(checkpoint, tmp_path):
+    """fire passes `--stage2_refine#confidence_filter false` as the string 'false': it must mean off."""
+    from scripts.stage2.pseudo_labels import PseudoLabels
+
+    volumes = VolumeCache(tmp_path / "cache", spatial_size=[40, 40])
+    cache = PseudoMaskCache(tmp_path / "pseudo", checkpoint, volumes, gate="false")
+    assert cache.engine_settings["gate"] is False
+    labels = PseudoLabels(cache, refine={"confidence_filter": "false", "largest_component": "true"})
+    assert labels.refine["confidence_filter"] is False and labels.refine["largest_component"] is True
 
 
 def test_ignored_pixels_count_in_neither_term():
