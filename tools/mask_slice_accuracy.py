@@ -83,8 +83,8 @@ def main(argv=None) -> int:
                     counts[(modality, k)][1] += counted
     print(f"{len(records)} {args.split} volumes, {slices} brain slices, {100 * tumour / max(slices, 1):.1f} % with "
           f"tumour; majority class {100 * max(tumour, slices - tumour) / max(slices, 1):.1f} %")
-    print(f"slice accuracy % of the masks ({args.method}, gate {as_flag(args.gate, 'gate')}, map > {args.threshold:g}): "
-          "a slice is 'tumour' when its mask has >= k pixels")
+    print(f"slice accuracy % of the masks ({args.method}, gate {as_flag(args.gate, 'gate')}, "
+          f"map > {args.threshold:g}): a slice is 'tumour' when its mask has >= k pixels")
     print("| modality | " + " | ".join(f"k >= {k}" for k in args.min_pixels) + " |")
     print("|---|" + "---|" * len(args.min_pixels))
     for modality in model.modalities:

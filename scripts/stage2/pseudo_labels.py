@@ -29,6 +29,7 @@ import torch
 
 from scripts.common import MODALITIES, atomic_path, canonical_modalities
 from scripts.data.volumes import VolumeCache, _file_signature
+from scripts.model.cams import fuse_maps
 from scripts.workflows.map_engine import MapEngine
 from scripts.model.networks import MultiModalCAM, model_settings
 from scripts.runtime import BundleError, MissingCheckpoint, as_flag
@@ -103,8 +104,8 @@ class PseudoMaskCache:
         self.volume_cache = volume_cache
         self.device = torch.device(device)
         self.threshold = float(threshold)
-        self.engine_settings = {"method": method, "gate": as_flag(gate, "pseudo_gate"), "gate_threshold": float(gate_threshold),
-                                "fusion": fusion, "threshold": float(threshold)}
+        self.engine_settings = {"method": method, "gate": as_flag(gate, "pseudo_gate"),
+                                "gate_threshold": float(gate_threshold), "fusion": fusion, "threshold": float(threshold)}
         word = map_modalities.strip().lower() if isinstance(map_modalities, str) else None
         self.auto = word == "auto"
         if word in ("null", "none", "all"):  # `--pseudo_modalities null` arrives as the string 'null'
@@ -178,7 +179,19 @@ class PseudoMaskCache:
             record: the subject's datalist record.
             modalities: whose maps are fused; default `fused_modalities` (the pseudo-masks').
         """
-        fused_modalities = self.fused_modalities if modalities is None else list(modalities)
+        return self.compute_groups(record, [self.fused_modalities if modalities is None else modalities])[0]
+
+    def compute_groups(self, record: dict, groups: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """One (H, W, D) float32 fused map per group of modalities, from one engine pass.
+
+        Each network's gated map does not depend on the others, so the union of the groups runs
+        once and each group is the fusion of its networks' maps (the report's stage-1 rows).
+
+        Args:
+            record: the subject's datalist record.
+            groups: lists of modalities, each fused on its own.
+        """
+        wanted = [m for m in self.modalities if any(m in group for group in groups)]
         volume = self.volume_cache.get(record)
         settings = self.model.settings
         engine = MapEngine(method=self.engine_settings["method"], gate=self.engine_settings["gate"],
@@ -188,9 +201,13 @@ class PseudoMaskCache:
         channels = [MODALITIES.index(m) for m in self.modalities]
         image = torch.as_tensor(volume["image"])[channels]
         nets = dict(zip(self.modalities, self.model.nets))
-        result = engine({m: nets[m] for m in fused_modalities}, image, channels=self.modalities, brain=volume["brain"])
+        result = engine({m: nets[m] for m in wanted}, image, channels=self.modalities, brain=volume["brain"])
         self.computed += 1
-        return result.fused.numpy().astype(np.float32)
+        fused = []
+        for group in groups:
+            maps = result.maps[[result.names.index(m) for m in group]]
+            fused.append(fuse_maps(maps[None], self.engine_settings["fusion"])[0].numpy().astype(np.float32))
+        return fused
 
     def fused(self, record: dict) -> np.ndarray:
         """(H, W, D) float32 fused map of one subject, from the cache or computed and cached."""

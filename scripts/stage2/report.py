@@ -112,9 +112,9 @@ class Stage2Report:
             volume = self.volume_cache.get(record)
             truth, spacing = self._truth(volume), volume["spacing"].tolist()
             # stage 1 = the CMER fused mask of every network (the paper's), whatever the pseudo-masks fuse
-            masks = [("stage1", pseudo.compute(record, pseudo.modalities) > pseudo.threshold)]
-            if self.subset_pseudo:
-                masks.append(("stage1_pseudo", pseudo.compute(record) > pseudo.threshold))
+            groups = [pseudo.modalities] + ([pseudo.fused_modalities] if self.subset_pseudo else [])
+            fused = pseudo.compute_groups(record, groups)  # one engine pass for both stage-1 rows
+            masks = [(name, f > pseudo.threshold) for name, f in zip(("stage1", "stage1_pseudo"), fused)]
             probability = stage2_probability(stage2_net, torch.as_tensor(volume["image"])[channels],
                                              self.slice_batch_size)
             masks.append(("stage2", probability.numpy() > self.stage2_threshold))

@@ -123,6 +123,11 @@ def test_pseudo_modalities_fuse_only_the_chosen_networks(trained, tmp_path):
     assert np.allclose(every.fused(records[0]), maps.fused.numpy(), atol=1e-6)
     assert not np.allclose(expected, maps.fused.numpy())  # the subset is not the fusion of all
     assert np.allclose(flair.compute(records[0], flair.modalities), maps.fused.numpy(), atol=1e-6)
+    before = flair.computed
+    both = flair.compute_groups(records[0], [flair.modalities, ["flair"]])  # the report's two stage-1 rows
+    assert flair.computed == before + 1  # one engine pass
+    assert np.array_equal(both[0], flair.compute(records[0], flair.modalities))
+    assert np.array_equal(both[1], flair.compute(records[0]))
     assert flair.key(records[0]) != every.key(records[0])
     for word in ("null", "None", "all"):  # as the command line passes `--pseudo_modalities null`
         same = PseudoMaskCache(tmp_path / "every", model, volumes, gate=False, map_modalities=word)
