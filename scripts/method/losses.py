@@ -26,10 +26,15 @@ import torch.nn.functional as F
 
 from scripts.common import TUMOUR_CHANNEL
 from scripts.model.cams import max_normalise
+from scripts.runtime import as_flag
 
-REDUCTIONS = ("mean", "per_sample_sum")
+REDUCTIONS = ("mean", "per_sample_sum", "balanced")
 SCHEDULES = ("paper", "sigmoid", "polynomial", "constant")
 CMER_NORMALISE = ("before_transform", "after_transform")
+
+
+_FLAGS = ("use_er", "use_kd", "use_cmer", "er_positive_only", "cmer_partner_mask", "cmer_positive_only",
+          "mask_out_of_field", "two_views")
 
 
 @dataclass
@@ -42,7 +47,8 @@ class ObjectiveConfig:
     lambda_kd: float = 0.5
     kd_temperature: float = 1.0  # Eq. 3 has none; the authors' code used 10
     # The authors' code reduced the squared maps over N*H*W ("mean"); "per_sample_sum"
-    # is the squared L2 norm of Eq. 2/4 per sample, averaged over the samples it applies to.
+    # is the squared L2 norm of Eq. 2/4 per sample, averaged over the samples it applies to;
+    # "balanced" reduces each term at the scale of the maps it compares (see `reduce_squared`).
     reduction: str = "mean"
     er_positive_only: bool = True  # code: L_ER only on tumour slices (y = 1)
     cmer_partner_mask: bool = True  # code: only where partner j predicts tumour on that view
@@ -55,6 +61,12 @@ class ObjectiveConfig:
     eps: float = 1e-8
 
     def __post_init__(self):
+        # `--objective#use_er false` arrives as the string 'false', which is truthy: read every
+        # yes/no switch as a flag (None stays None for two_views).
+        for name in _FLAGS:
+            value = getattr(self, name)
+            if value is not None or name != "two_views":
+                setattr(self, name, as_flag(value, f"objective#{name}"))
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.cmer_normalise not in CMER_NORMALISE:
@@ -126,7 +138,8 @@ def reduce_squared(diff_sq: torch.Tensor, sample_weight: torch.Tensor | None, va
     sample_weight (B,) selects samples (labels, partner predictions); valid (B, 1, H, W)
     marks in-field pixels. "mean" divides by all N*H*W pixels (in-field ones when valid is
     given) as the authors' code did; "per_sample_sum" sums each sample's pixels and averages
-    over the samples with non-zero weight.
+    over the samples with non-zero weight. "per_sample_mean" (what `balanced` uses for L_ER)
+    averages each sample's pixels, then averages over the samples with non-zero weight.
     """
     weighted = diff_sq
     if valid is not None:
@@ -139,9 +152,30 @@ def reduce_squared(diff_sq: torch.Tensor, sample_weight: torch.Tensor | None, va
         if valid is not None:
             return weighted.sum() / valid.sum().clamp_min(1.0)
         return weighted.sum() / max(float(diff_sq.numel()), 1.0)
+    pixels = 1.0
+    if reduction == "per_sample_mean":
+        pixels = max(float(diff_sq[0].numel()), 1.0) if valid is None else None
+    if pixels is None:  # per-sample mean over each sample's in-field pixels
+        weighted = weighted.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1.0)
+        pixels = 1.0
     if sample_weight is not None:
-        return weighted.sum() / sample_weight.sum().clamp_min(1.0)
-    return weighted.sum() / max(float(diff_sq.shape[0]), 1.0)
+        return weighted.sum() / sample_weight.sum().clamp_min(1.0) / pixels
+    return weighted.sum() / max(float(diff_sq.shape[0]), 1.0) / pixels
+
+
+def term_reduction(reduction: str, term: str) -> str:
+    """The reduction a term uses under the configured `reduction`.
+
+    "balanced" puts each term at the scale of the maps it compares, so that with lambda_E = 1
+    neither vanishes nor swamps L_C: L_ER compares max-normalised maps (values in [0, 1]) and
+    is averaged over pixels per sample, as L_C's global average pooling averages the maps;
+    L_CMER compares unit-L2-norm maps, whose per-sample squared distance (Eq. 4's norm, in
+    [0, 4]) is already scale-free, so it is summed per sample. Measured gradient shares:
+    docs/recipe.md.
+    """
+    if reduction != "balanced":
+        return reduction
+    return "per_sample_mean" if term == "L_ER" else "per_sample_sum"
 
 
 # ----------------------------------------------------------------------------- terms
@@ -176,7 +210,8 @@ def er_loss(pi_cam_o: torch.Tensor, cam_t: torch.Tensor, labels: torch.Tensor, c
             valid: torch.Tensor | None = None) -> torch.Tensor:
     """L_ER, Eq. 2: || pi(M_k) - M~_k ||^2 (gradients flow through both branches)."""
     weight = labels.to(cam_t.dtype) if cfg.er_positive_only else None
-    return reduce_squared((pi_cam_o - cam_t) ** 2, weight, valid if cfg.mask_out_of_field else None, cfg.reduction)
+    return reduce_squared((pi_cam_o - cam_t) ** 2, weight, valid if cfg.mask_out_of_field else None,
+                          term_reduction(cfg.reduction, "L_ER"))
 
 
 def cmer_loss(own_pi_o: torch.Tensor, own_t: torch.Tensor, partner_pi_o: torch.Tensor, partner_t: torch.Tensor,
@@ -197,8 +232,9 @@ def cmer_loss(own_pi_o: torch.Tensor, own_t: torch.Tensor, partner_pi_o: torch.T
     weight_1 = base * partner_pred_t.to(own_t.dtype) if cfg.cmer_partner_mask else base
     weight_2 = base * partner_pred_o.to(own_t.dtype) if cfg.cmer_partner_mask else base
     valid = valid if cfg.mask_out_of_field else None
-    term_1 = reduce_squared((own_pi_o - partner_t) ** 2, weight_1, valid, cfg.reduction)
-    term_2 = reduce_squared((own_t - partner_pi_o) ** 2, weight_2, valid, cfg.reduction)
+    reduction = term_reduction(cfg.reduction, "L_CMER")
+    term_1 = reduce_squared((own_pi_o - partner_t) ** 2, weight_1, valid, reduction)
+    term_2 = reduce_squared((own_t - partner_pi_o) ** 2, weight_2, valid, reduction)
     return 0.5 * (term_1 + term_2)
 
 

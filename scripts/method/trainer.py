@@ -190,6 +190,11 @@ class CMERTrainer(Trainer):
         decollate: as MONAI's `SupervisedTrainer`: after the optimiser steps MONAI's `Workflow`
             decollates `engine.state.batch` and `engine.state.output` into one dict per slice
             (tensors detached, 0-d tensors turned into Python numbers). See `_iteration`.
+        grad_share_interval: every this many iterations (0 = never), measure how much each
+            weighted term of a network's loss pulls on its weights: the gradient norm of
+            lambda * term over the gradient norm of L_C, per network, reported in the output as
+            "<modality>/grad_share_<term>" (e.g. t2/grad_share_L_CMER). One extra partial
+            backward per term and network on those iterations; the update is unchanged.
     """
 
     def __init__(self, device, max_epochs: int, train_data_loader, network, optimizers: ModalityOptimizers,
@@ -197,7 +202,7 @@ class CMERTrainer(Trainer):
                  amp: bool = False, epoch_length: int | None = None, non_blocking: bool = False,
                  concat_views: bool = True, training_nets=None, heap_allocations: bool = True,
                  precision: str | None = None, channels_last: bool = False, low_memory: bool = False,
-                 compile: bool = False, decollate: bool = True):
+                 compile: bool = False, decollate: bool = True, grad_share_interval: int = 0):
         device = torch.device(device)
         self.precision = resolve_precision(precision if precision is not None else ("auto" if amp else "fp32"), device)
         # MONAI's Trainer makes a GradScaler when amp is on: only CUDA float16 needs one.
@@ -211,6 +216,7 @@ class CMERTrainer(Trainer):
         self.network = to_memory_format(network, channels_last)
         self.channels_last = bool(channels_last)
         self.low_memory = bool(low_memory)
+        self.grad_share_interval = max(int(grad_share_interval or 0), 0)
         self.modalities = list(network.modalities)
         self.optimizers = optimizers
         self.objective = objective
@@ -256,9 +262,39 @@ class CMERTrainer(Trainer):
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         result = self._objective(maps_o, maps_t, labels, transform, mask)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        if self.grad_share_interval and engine.state.iteration % self.grad_share_interval == 0:
+            self._record_grad_shares(result)
         self._backward(result.total, scaler)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         return result, slice_logits(maps_o)
+
+    def term_weights(self) -> dict:
+        """The weight each term of Eq. 8 enters a network's loss with, this epoch."""
+        config = getattr(self.objective, "config", None)
+        lambda_kd = float(getattr(config, "lambda_kd", 1.0))
+        return {"L_C": 1.0, "L_KD": lambda_kd, "L_ER": float(self.lambda_e), "L_CMER": float(self.lambda_e)}
+
+    def _record_grad_shares(self, result) -> None:
+        """||grad(lambda * term)|| / ||grad(L_C)|| per network and term (graphs kept for the step)."""
+        weights = self.term_weights()
+        shares = {}
+        for k, name in enumerate(self.modalities):
+            terms = result.per_modality.get(name, {})
+            if "L_C" not in terms:
+                return  # not the weak objective (full supervision): nothing to compare with
+            params = [p for p in self.network.nets[k].parameters() if p.requires_grad]
+            norms = {}
+            for term, value in terms.items():
+                if term not in weights or not (torch.is_tensor(value) and value.requires_grad):
+                    continue
+                grads = torch.autograd.grad(weights[term] * value, params, retain_graph=True, allow_unused=True)
+                norms[term] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+            base = norms.get("L_C")
+            for term, norm in norms.items():
+                if term != "L_C" and base is not None:
+                    shares[(name, f"grad_share_{term}")] = norm / base.clamp_min(1e-12)
+        for (name, key), share in shares.items():
+            result.per_modality[name][key] = share.detach()
 
     def _low_memory_step(self, engine, images, images_t, labels, transform, mask, scaler):
         """One network's graph at a time (`low_memory`); the same gradients as `_one_graph_step`."""

@@ -99,6 +99,40 @@ def test_reduce_squared_mean_and_per_sample_sum():
     assert reduce_squared(sq, None, valid, "mean").item() == pytest.approx(3.0)  # (1+5)/2
 
 
+def test_reduce_squared_per_sample_mean():
+    sq = torch.tensor([[[[1.0, 3.0]]], [[[5.0, 7.0]]]])
+    w = torch.tensor([1.0, 0.0])
+    assert reduce_squared(sq, w, None, "per_sample_mean").item() == pytest.approx(2.0)  # (1+3)/2, 1 sample
+    assert reduce_squared(sq, None, None, "per_sample_mean").item() == pytest.approx(4.0)
+    valid = torch.tensor([[[[1.0, 0.0]]], [[[1.0, 1.0]]]])
+    assert reduce_squared(sq, None, valid, "per_sample_mean").item() == pytest.approx((1.0 + 6.0) / 2)
+
+
+def test_switches_from_the_command_line_are_read_as_flags():
+    """`--objective#use_er false` arrives as the string 'false': it must switch the term off."""
+    cfg = ObjectiveConfig.from_dict({"use_er": "false", "use_kd": "False", "use_cmer": "true", "two_views": None})
+    assert cfg.use_er is False and cfg.use_kd is False and cfg.use_cmer is True and cfg.two_views is None
+    assert ObjectiveConfig.from_dict({"two_views": "true"}).two_views is True
+    with pytest.raises(Exception, match="objective#use_er"):
+        ObjectiveConfig.from_dict({"use_er": "maybe"})
+
+
+def test_balanced_reduction_puts_each_term_at_its_maps_scale():
+    """balanced: L_ER = per-pixel mean per sample (max-normalised maps), L_CMER = per-sample sum
+    (unit-norm maps), each averaged over the samples it applies to."""
+    torch.manual_seed(0)
+    a, b = torch.rand(4, 1, 6, 5), torch.rand(4, 1, 6, 5)
+    labels = torch.tensor([1, 0, 1, 1])
+    balanced = ObjectiveConfig(reduction="balanced")
+    per_sample = ObjectiveConfig(reduction="per_sample_sum")
+    assert er_loss(a, b, labels, balanced).item() == pytest.approx(er_loss(a, b, labels, per_sample).item() / 30)
+    pred = torch.tensor([True, True, False, True])
+    args = (l2_normalise(a), b, l2_normalise(b), a, labels, pred, pred)
+    assert cmer_loss(*args, balanced).item() == pytest.approx(cmer_loss(*args, per_sample).item())
+    with pytest.raises(ValueError, match="reduction"):
+        ObjectiveConfig(reduction="sum")
+
+
 # ----------------------------------------------------------------------------- terms
 
 

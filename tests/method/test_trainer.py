@@ -219,6 +219,64 @@ def test_best_model_saved_by_validation_metric(tmp_path):
     assert "| fused |" in (tmp_path / "validation.md").read_text()
 
 
+def test_validation_report_keeps_the_learning_curve(tmp_path):
+    """Every validated epoch's metrics land in validation_history.json, and survive a resume
+    through the report's state dict."""
+    import json
+
+    trainer, network, _ = _build(epochs=2)
+    validator = CAMValidator(torch.device("cpu"), DataLoader(_volumes(), batch_size=1), network)
+    ValidationHandler(validator=validator, interval=1, epoch_level=True).attach(trainer)
+    report = ValidationReport(validator, history_path=str(tmp_path / "history.json"))
+    report.attach(trainer)
+    trainer.run()
+    curve = json.loads((tmp_path / "history.json").read_text())
+    assert [row["epoch"] for row in curve["epochs"]] == [1, 2]
+    assert {"val_dsc_t1", "val_dsc_t2", "val_dsc_fused", "val_acc_t1"} <= set(curve["epochs"][0])
+    restored = ValidationReport(validator)
+    restored.load_state_dict(report.state_dict())
+    assert restored.history == curve["epochs"] and restored.best == report.best
+
+
+def test_grad_shares_are_the_weighted_terms_gradient_norms_over_l_c():
+    """grad_share_interval: each network reports ||grad(lambda * term)|| / ||grad(L_C)|| of its
+    own weights, computed by hand here from a fresh forward of the same batch."""
+    trainer, network, _ = _build(grad_share_interval=1, objective_cfg={"reduction": "balanced"})
+    trainer.lambda_e = 0.5
+    batch = next(iter(trainer.data_loader))
+    sampler_state = trainer.transform_sampler.state_dict()
+    state = {k: v.clone() for k, v in network.state_dict().items()}
+    trainer.state.iteration = 1
+    out = loss_scalars(trainer._iteration(trainer, batch))
+    for name in ("t1", "t2"):
+        assert {f"{name}/grad_share_{t}" for t in ("L_KD", "L_ER", "L_CMER")} <= set(out)
+    # by hand: same weights, same transform, same batch
+    network.load_state_dict(state)
+    trainer.transform_sampler.load_state_dict(sampler_state)
+    images = batch["image"].float()
+    transform = trainer.transform_sampler.draw(images.shape[0], images.shape[-2], images.shape[-1])
+    maps_o, maps_t = trainer.forward_views(images, transform.apply(images))
+    result = trainer.objective(["t1", "t2"], maps_o, maps_t, batch["label"].long(), transform, 0.5)
+    params = list(network.nets[1].parameters())
+
+    def norm(value):
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        return torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None))
+
+    terms = result.per_modality["t2"]
+    assert out["t2/grad_share_L_ER"] == pytest.approx((norm(0.5 * terms["L_ER"]) / norm(terms["L_C"])).item(), rel=1e-3)
+    assert out["t2/grad_share_L_KD"] == pytest.approx((norm(0.5 * terms["L_KD"]) / norm(terms["L_C"])).item(), rel=1e-3)
+
+
+def test_grad_shares_off_by_default_and_between_intervals():
+    trainer, _, _ = _build()
+    trainer.run()
+    assert not any("grad_share" in key for key in loss_scalars(trainer.state.output))
+    trainer, _, _ = _build(grad_share_interval=100)
+    trainer.run()
+    assert not any("grad_share" in key for key in loss_scalars(trainer.state.output))
+
+
 def test_cam_image_writer_logs_both_views_per_modality(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -39,6 +39,12 @@ WATER_COUPLING = 0.7  # share of the T2 texture that follows the T1 ("water") te
 BIAS_LOG_AMPLITUDE = {1.5: (0.08, 0.18), 3.0: (0.12, 0.25)}
 BIAS_CORRELATION_MM = 120.0
 SNR_NORMAL_BRAIN = {1.5: (10.0, 25.0), 3.0: (15.0, 35.0)}  # mean normal-brain signal / noise sigma
+# Per-modality factor on that SNR, calibrated to the voxel noise of real BraTS-space scans
+# (robust std of image - 3x3x3 median over normal brain / brain median: T1 0.024, T1c 0.045,
+# T2 0.046, FLAIR 0.049 on four 1 mm cases; docs/phantom.md). Those images went through
+# BraTS's co-registration to 1 mm, which smooths the acquired noise; their T1 is the
+# quietest. The realism report checks the result (its "voxel noise" bands).
+SNR_MODALITY_FACTOR = {"t1": 2.8, "t1ce": 1.3, "t2": 1.5, "flair": 1.6}
 NORMAL_BRAIN_LEVEL = (400.0, 2500.0)  # stored mean of normal brain (scanner scaling)
 IN_PLANE_FWHM_MM = (0.9, 1.3)
 THICK_SLICE_MM = (3.0, 6.0)  # 2D acquisitions
@@ -60,7 +66,7 @@ def draw_acquisition(rng: np.random.Generator, protocols: dict, field: float) ->
         out[modality] = {
             "slice_mm": float(rng.uniform(*(THIN_SLICE_MM if three_d else THICK_SLICE_MM))),
             "in_plane_fwhm_mm": float(rng.uniform(*IN_PLANE_FWHM_MM)),
-            "snr": float(rng.uniform(*SNR_NORMAL_BRAIN[field])),
+            "snr": float(rng.uniform(*SNR_NORMAL_BRAIN[field])) * SNR_MODALITY_FACTOR.get(modality, 1.0),
             "bias_log_amplitude": float(rng.uniform(*BIAS_LOG_AMPLITUDE[field])),
             "level": float(rng.uniform(*NORMAL_BRAIN_LEVEL)),
         }

@@ -3,7 +3,9 @@
 For every subject with a segmentation, per modality: the mean intensity of each tumour
 compartment divided by the mean of normal-appearing brain (brain minus tumour), the
 oedema divided by the 4-voxel ring of brain around the whole tumour, the coefficient of
-variation (std / mean) inside each compartment and inside normal brain. Medians over
+variation (std / mean) inside each compartment and inside normal brain, and the voxel noise
+of normal brain (robust std of the image minus its 3x3x3 median, over the brain's median).
+Medians over
 subjects are printed per grade next to the target bands of the realistic-phantom issue
 (ratios of 1 mm BraTS-space data, medians over >= 20 subjects) with PASS / FAIL.
 
@@ -45,6 +47,12 @@ REAL_ANCHOR = {
     ("ring", "oedema"): {"flair": 1.16},
 }
 NORMAL_CV_TOLERANCE = 0.35  # normal-brain CV within +-35 % of the real values
+# Voxel noise of normal-appearing brain: robust std (1.4826 x MAD) of (image - its 3x3x3
+# median filter), divided by the median of the brain. Four real skull-stripped BraTS-space
+# cases at 1 mm: medians below, every case and modality within 0.016-0.071 (the band).
+NOISE_REAL_MEDIAN = {"t1": 0.024, "t1c": 0.045, "t2": 0.046, "flair": 0.049}
+NOISE_BAND = (0.016, 0.071)
+MAD_TO_STD = 1.4826
 
 
 def _bands() -> list[dict]:
@@ -70,6 +78,7 @@ def _bands() -> list[dict]:
         real = REAL_ANCHOR[("cv", "normal")][modality]
         add("cv", "normal", modality, round(real * (1 - NORMAL_CV_TOLERANCE), 3),
             round(real * (1 + NORMAL_CV_TOLERANCE), 3))
+        add("noise", "normal", modality, *NOISE_BAND)
     return bands
 
 
@@ -93,6 +102,21 @@ def ring_mask(tumour: np.ndarray, brain: np.ndarray, voxels: int = 4) -> np.ndar
     return ring & brain
 
 
+def voxel_noise(image: np.ndarray, normal: np.ndarray, brain: np.ndarray) -> float:
+    """Robust std of (image - 3x3x3 median) over normal brain, over the brain's median.
+
+    Voxels whose 3x3x3 neighbourhood leaves the brain are not counted (the zero background
+    would make an edge, not noise); the MAD keeps texture edges inside the brain from
+    dominating."""
+    residual = image - ndi.median_filter(image, size=3, mode="nearest")
+    core = normal & ndi.binary_erosion(brain, structure=np.ones((3, 3, 3), bool))
+    values = residual[core] if core.any() else residual[normal]
+    if values.size == 0:
+        return math.nan
+    spread = MAD_TO_STD * float(np.median(np.abs(values - np.median(values))))
+    return spread / float(np.median(image[brain]))
+
+
 def subject_statistics(images: dict[str, np.ndarray], seg: np.ndarray, layout: str = "brats2018-2021",
                        spacing: float = 1.0) -> dict:
     """{(quantity, compartment): {modality: value}} for one subject.
@@ -111,6 +135,7 @@ def subject_statistics(images: dict[str, np.ndarray], seg: np.ndarray, layout: s
         image = image.astype(np.float64)
         normal_mean = image[normal].mean() if normal.any() else math.nan
         out.setdefault(("cv", "normal"), {})[modality] = float(image[normal].std() / normal_mean)
+        out.setdefault(("noise", "normal"), {})[modality] = voxel_noise(image, normal, brain)
         ratios = []
         for name, mask in masks.items():
             if mask.sum() < MIN_VOXELS:
@@ -192,7 +217,8 @@ def evaluate_bands(rows: list[dict]) -> list[dict]:
 
 
 QUANTITY_TITLES = {"ratio": "ratio to normal brain", "ring": "ratio to the 4-voxel ring",
-                   "cv": "CV inside", "max_ratio": "largest compartment ratio"}
+                   "cv": "CV inside", "max_ratio": "largest compartment ratio",
+                   "noise": "voxel noise (robust, / brain median)"}
 
 
 def format_report(rows: list[dict], title: str = "") -> str:
@@ -205,11 +231,13 @@ def format_report(rows: list[dict], title: str = "") -> str:
              "| modality | quantity | compartment | " + " | ".join(grades) + " | real case | band | verdict |",
              "|---|---|---|" + "---|" * len(grades) + "---|---|---|"]
     for r in results:
-        real = REAL_ANCHOR.get((r["quantity"], r["compartment"]), {}).get(r["modality"])
-        cells = [f"{r['medians'][g]:.2f}" if g in r["medians"] else "-" for g in grades]
-        real_text = f"{real:.2f}" if real is not None else "-"
+        real = (NOISE_REAL_MEDIAN.get(r["modality"]) if r["quantity"] == "noise"
+                else REAL_ANCHOR.get((r["quantity"], r["compartment"]), {}).get(r["modality"]))
+        digits = 3 if r["quantity"] == "noise" else 2
+        cells = [f"{r['medians'][g]:.{digits}f}" if g in r["medians"] else "-" for g in grades]
+        real_text = f"{real:.{digits}f}" if real is not None else "-"
         lines.append(f"| {TITLES[r['modality']]} | {QUANTITY_TITLES[r['quantity']]} | {r['compartment']} | "
-                     + " | ".join(cells) + f" | {real_text} | {r['low']:.2f}-{r['high']:.2f} | {r['verdict']} |")
+                     + " | ".join(cells) + f" | {real_text} | {r['low']:.{digits}f}-{r['high']:.{digits}f} | {r['verdict']} |")
     passed = sum(r["verdict"] == "PASS" for r in results)
     failed = sum(r["verdict"] == "FAIL" for r in results)
     lines += ["", f"{passed} bands pass, {failed} fail, {len(results) - passed - failed} not measurable."]
