@@ -6,12 +6,19 @@
   writes a temporary file and renames it over the old one.
 - `ResumeFromCheckpoint`: MONAI's CheckpointLoader, skipped when no checkpoint exists yet,
   so the same config starts fresh or resumes.
-- `RunSettings`: the network settings a resumed run must share with the checkpoint.
+- `RunSettings`: the settings that define a run (objective, data, recipe, network), recorded
+  in last.pt; a rerun with other values stops naming each difference (`epochs` may differ).
+- `RandomStates`: every random stream a run draws from (the slice sampler's and the data
+  loader's generators, torch / numpy / python global states), so a resumed run draws exactly
+  what the uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+
+import numpy as np
 
 from ignite.engine import Engine
 from ignite.handlers import DiskSaver
@@ -191,3 +198,70 @@ class ResumeFromCheckpoint(CheckpointLoader):
                                   f"{prior_max_epochs}. Fix: pass a larger --epochs to train on, or another --ckpt_dir.")
         engine.state.max_epochs = prior_max_epochs
         self.logger.info(f"resumed at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+
+
+class RandomStates:
+    """Every random stream a training run draws from, as one checkpoint object.
+
+    Saved in last.pt at each epoch end and restored on resume, so the epochs after a resume draw
+    what the uninterrupted run drew: the per-epoch slice subset and the balanced draws (the
+    sampler's generator, scripts/data/sampling.py), the shuffling order and the workers' base
+    seed (the data loader's generator), and the global torch (CPU and CUDA), numpy and python
+    states for anything else. The transform sampler keeps its own generator (its checkpoint
+    object). A sampler without a generator (torch's DistributedSampler: seed + epoch) needs none.
+
+    Args:
+        dataloader: the training DataLoader; its `generator` and its sampler's are recorded.
+        generators: further name -> torch.Generator to record.
+    """
+
+    def __init__(self, dataloader=None, generators: dict | None = None):
+        self.dataloader = dataloader
+        self.generators = dict(generators or {})
+
+    def _generators(self) -> dict:
+        found, seen = {}, set()
+        loader = self.dataloader
+        candidates = [("loader", getattr(loader, "generator", None)),
+                      ("sampler", getattr(getattr(loader, "sampler", None), "generator", None)),
+                      *self.generators.items()]
+        for name, generator in candidates:
+            if generator is not None and id(generator) not in seen:
+                seen.add(id(generator))
+                found[name] = generator
+        return found
+
+    def state_dict(self) -> dict:
+        import torch
+
+        _, keys, pos, has_gauss, cached = np.random.get_state()
+        version, python_state, gauss_next = random.getstate()
+        state = {"torch": torch.get_rng_state(),
+                 "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                           "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                 "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64),
+                            "gauss_next": gauss_next},
+                 "generators": {name: g.get_state() for name, g in self._generators().items()}}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        import torch
+
+        torch.set_rng_state(state["torch"])
+        numpy_state = state["numpy"]
+        np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        python_state = state["python"]
+        random.setstate((python_state["version"], tuple(int(v) for v in python_state["state"].tolist()),
+                         python_state["gauss_next"]))
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        generators = self._generators()
+        missing = sorted(set(state["generators"]) ^ set(generators))
+        if missing:
+            raise CheckpointError(f"the checkpoint's random streams {sorted(state['generators'])} do not match this "
+                                  f"run's {sorted(generators)} (another sampling setting).")
+        for name, generator in generators.items():
+            generator.set_state(state["generators"][name])
