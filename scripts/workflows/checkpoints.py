@@ -94,13 +94,22 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 
 class RunSettings:
-    """Settings a checkpoint can only be resumed with (network shape), saved inside it.
+    """The settings that define a training run, saved in its last.pt and compared on a rerun.
 
-    Listed first in the checkpoint objects, so a resume with other settings stops with one
-    line naming the differing keys instead of a state-dict size mismatch per tensor.
+    train.yaml lists them: the method preset and its objective (with every switch), the
+    network (modalities, backbone, base_channels) and preprocessing, the data (a fingerprint
+    of the datalist's subjects and split and of the files' sizes, `data_fingerprint`), split,
+    seed, lr and its schedule, weight decay, batch size, the per-epoch recipe
+    (max_slices_per_epoch, height_bins, balanced_sampling, lambda_e, transforms) and the
+    precision. A rerun on the same --ckpt_dir whose values differ stops before epoch 1 with
+    one line naming each difference and the fix: another --ckpt_dir, or `--resume false` to
+    start over there. `epochs` is not among them: extending a run (a larger --epochs) is
+    legitimate; what follows the number of epochs (the lambda_e ramp-up, by default half of
+    the epochs, and a cosine learning-rate decay) then follows the new total. Listed first in
+    the checkpoint objects; a checkpoint without a key (an older bundle) is not checked on it.
 
     Args:
-        settings: name -> value, e.g. modalities, backbone, base_channels.
+        settings: name -> value (nested mappings are compared key by key, named `a#b`).
     """
 
     def __init__(self, **settings):
@@ -110,39 +119,96 @@ class RunSettings:
         return dict(self.settings)
 
     def differences(self, stored: dict) -> list[str]:
-        return [f"{k} {stored.get(k)!r} -> {v!r}" for k, v in self.settings.items() if k in stored and stored[k] != v]
+        """`name stored -> now` for each recorded setting whose value differs from this run's."""
+        ours, theirs = _flat(self.settings), _flat(stored)
+        return [f"{k} {theirs[k]!r} -> {v!r}" for k, v in ours.items() if k in theirs and theirs[k] != v]
 
     def load_state_dict(self, state: dict) -> None:
         if self.differences(state):
-            raise CheckpointError(f"the checkpoint was written with other settings ({'; '.join(self.differences(state))}).")
+            raise CheckpointError(f"the checkpoint was written by another run ({'; '.join(self.differences(state))}). "
+                                  f"Fix: pass another --ckpt_dir, or --resume false to start over.")
 
 
 def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
 
 
+def _flat(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in settings.items():
+        name = f"{prefix}#{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def data_fingerprint(datalist) -> dict:
+    """What identifies a run's data: hashes of the datalist's subjects per section (the split)
+    and of the sizes of every file it lists (12 hex digits each; paths and times are left out,
+    so a copied or moved dataset keeps its fingerprint).
+
+    Args:
+        datalist: the run's datalist JSON (written or checked by `ensure_dataset` in `initialize`).
+    """
+    import hashlib
+    import json
+
+    from scripts.data.subjects import SECTIONS, DataError, load_datalist
+
+    sections, sizes = {}, []
+    for section in SECTIONS:
+        try:
+            records = load_datalist(datalist, section)
+        except DataError:  # a user's datalist without this section
+            continue
+        sections[section] = [r["subject"] for r in records]
+        for record in records:
+            paths = [record.get("image4d"), *(p for _, p in sorted((record.get("images") or {}).items())),
+                     record.get("seg")]
+            sizes += [Path(p).stat().st_size if Path(p).is_file() else -1 for p in paths if p]
+
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+    return {"subjects_and_split": digest(sections), "file_sizes": digest(sizes)}
+
+
 class ResumeFromCheckpoint(CheckpointLoader):
     """Resume from `load_path` when it exists; start fresh (and say so) when it does not.
 
-    A file that cannot be read, or that was written with other network settings, stops the
-    run before epoch 1 with one line naming the file, the differing keys and the fix; other
-    files (e.g. models/model.pt) are never touched.
+    A file that cannot be read, or that another run wrote (other `RunSettings` or network
+    shapes), stops the run before epoch 1 with one line naming the file, each difference and
+    the fix; other files (e.g. models/model.pt) are never touched. With `enabled` False (the
+    `resume: false` setting) an existing file is ignored and the run starts over, replacing
+    last.pt and model.pt as it goes.
 
     Args:
         load_path: the checkpoint to resume from (e.g. models/last.pt).
         load_dict: name -> object to restore (the checkpoint objects of train.yaml).
-        enabled: False skips resuming.
+        enabled: False starts a new run even when `load_path` exists (true / false strings accepted).
         kwargs: MONAI CheckpointLoader options (map_location, strict, ...).
     """
 
     def __init__(self, load_path: str, load_dict: dict, enabled: bool = True, **kwargs):
+        from scripts.runtime import as_flag
+
         super().__init__(load_path=str(load_path), load_dict=load_dict, **kwargs)
-        self.enabled = enabled
+        self.enabled = as_flag(enabled, "resume")
 
     def _fix(self) -> str:
-        return (f"Fix: delete it or use another --ckpt_dir (to resume, pass the settings of the run that wrote it); "
+        folder = Path(self.load_path).parent
+        return (f"Fix: pass another --ckpt_dir for this run (or the settings of the run that wrote it, to resume it), "
+                f"or --resume false to start over in {folder} (move its last.pt and model.pt aside first: they are "
+                f"replaced); --epochs may differ (extending a run).")
+
+    def _fix_unreadable(self) -> str:
+        return (f"Fix: delete it or use another --ckpt_dir (or --resume false to start over); "
                 f"{Path(self.load_path).parent / 'model.pt'} is not touched.")
 
     def _read(self) -> dict:
@@ -153,10 +219,10 @@ class ResumeFromCheckpoint(CheckpointLoader):
         except Exception as err:  # zip errors, EOFError, unpickling errors, ...
             first = str(err).splitlines()[0] if str(err) else ""
             raise CheckpointError(f"checkpoint {self.load_path} is unreadable ({type(err).__name__}: {first}); it is "
-                                  f"truncated or corrupt (a full disk, or a copy cut short). {self._fix()}") from err
+                                  f"truncated or corrupt (a full disk, or a copy cut short). {self._fix_unreadable()}") from err
         if not isinstance(checkpoint, dict):
             raise CheckpointError(f"checkpoint {self.load_path} holds a {type(checkpoint).__name__}, not a training "
-                                  f"checkpoint. {self._fix()}")
+                                  f"checkpoint. {self._fix_unreadable()}")
         return checkpoint
 
     def _check_compatible(self, checkpoint: dict) -> None:
@@ -176,13 +242,16 @@ class ResumeFromCheckpoint(CheckpointLoader):
                 if names:
                     problems.append(f"{len(names)} tensors of {key!r} differ, e.g. {', '.join(names[:3])}")
         if problems:
-            raise CheckpointError(f"checkpoint {self.load_path} was written with other network settings: "
+            raise CheckpointError(f"checkpoint {self.load_path} was written by another run: "
                                   f"{'; '.join(problems)}. {self._fix()}")
 
     def __call__(self, engine: Engine) -> None:
         from ignite.handlers import Checkpoint
 
         if not self.enabled:
+            if Path(self.load_path).is_file():
+                self.logger.info(f"--resume false: starting a new run; {self.load_path} and the model.pt beside it "
+                                 f"are replaced as it goes")
             return
         if not Path(self.load_path).is_file():
             self.logger.info(f"no checkpoint at {self.load_path}: starting a new run")
