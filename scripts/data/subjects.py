@@ -135,8 +135,8 @@ def _record_from_files(subject: str, folder: Path, files, grade, allow_missing: 
         expected = ", ".join(str(folder / _expected_name(subject, m, layout)) for m in missing)
         raise DataError(
             f"subject {subject}: missing modality file(s) {missing} in {folder} (expected e.g. {expected}). "
-            f"Fix: add the missing file(s), remove the subject folder, or pass allow_missing=True to "
-            f"zero-fill missing modalities."
+            f"Fix: add the missing file(s), remove the subject folder, or pass --allow_missing true to "
+            f"zero-fill missing modalities (the datalist command: --allow-missing)."
         )
     if not found:
         raise DataError(f"subject {subject}: folder {folder} has a segmentation but no image file.")

@@ -394,10 +394,14 @@ class SubjectProgress:
 
 
 def require_checkpoint(path) -> str:
-    """The checkpoint path, or a FileNotFoundError that says how to get one."""
+    """The checkpoint path, or a FileNotFoundError that says how to get one; a file torch cannot
+    read is an `UnreadableCheckpoint` (one line naming it and the fix)."""
     if not Path(path).is_file():
         raise MissingCheckpoint(f"no checkpoint at {path}. Fix: train first ({TRAIN_HINT}) or pass --ckpt_path PATH "
                                 f"(a state dict of scripts.model.networks.MultiModalCAM).")
+    from scripts.model.networks import read_checkpoint
+
+    read_checkpoint(path)
     return str(path)
 
 
