@@ -128,10 +128,12 @@ def preprocess_subject(record: dict, spatial_size: Sequence[int] | None = None, 
             raise DataError(f"subject {subject}: seg file {record['seg']} holds {loaded['seg'].shape[0]} volumes; "
                             f"one 3D label map was expected.")
     check_same_grid(loaded, files, subject)
-    from scripts.data.sanity import volume_warnings
+    from scripts.data.sanity import label_warnings, volume_warnings
 
     images = {m: v for m, v in loaded.items() if m != "seg"}
     warnings = volume_warnings(images, files, subject, seg=loaded.get("seg"))
+    if "seg" in loaded:
+        warnings += label_warnings(loaded["seg"], record["seg"], subject, record.get("layout"))
     reference = next(iter(loaded.values()))
     data = {m: loaded.get(m, torch.zeros_like(reference)) for m in MODALITIES}  # zero-fill (allow_missing)
     data["seg"] = loaded.get("seg", torch.zeros_like(reference))
