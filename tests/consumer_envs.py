@@ -1,11 +1,17 @@
 """Virtual environments of the bundle's consumers, built by the consumer tests and cached.
 
-Each environment is a `python -m venv --system-site-packages` beside this interpreter, so it
-reuses the project's own torch 2.13.0 (CPU) and monai 1.6.1 and adds only the consumer's
-packages; every install names torch==2.13.0 and numpy==2.4.6 so that pip never swaps them
-(a different torch would be a multi-GB CUDA download). Where: $WSS_CMER_CONSUMER_VENVS, else
+Each environment is a `python -m venv` whose site-packages holds a `.pth` file listing the
+site-packages of the interpreter running the tests (`project_site_dirs`: a project venv's,
+not only the base interpreter's, which `--system-site-packages` would give), so it reuses the
+project's own torch 2.13.0 (CPU), monai 1.6.1, nibabel and itk and adds only the consumer's
+packages; the venv's own installs come first on sys.path. Every install runs under the
+constraints torch==2.13.0 and numpy==2.4.6 (`-c`, never as a requirement), so pip never swaps
+them (a different torch would be a multi-GB CUDA download). What each consumer needs beyond
+the applications is named: nibabel for Deploy (the app reads NIfTI), itk and nibabel for Label
+(MONAI's LoadImage readers). Where: $WSS_CMER_CONSUMER_VENVS, else
 ~/.cache/wss_cmer_brats-consumer-venvs/<name>; a venv is reused while its `.ready` file holds
 the same recipe, rebuilt otherwise. Network access to PyPI is needed on the first build only.
+The tests that build them run only when selected (`-m consumers` or `-m slow`, tests/conftest.py).
 
 MONAI Deploy App SDK 4.0.0:
   - `monai.deploy` lives inside the `monai` package, so the venv needs its own copy of
@@ -39,15 +45,16 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CONSTRAINTS = ["torch==2.13.0", "numpy==2.4.6"]  # never replaced inside a consumer venv
+CONSTRAINTS = ["torch==2.13.0", "numpy==2.4.6"]  # pip -c: never installed, never replaced inside a consumer venv
+PTH_NAME = "00_project_site_packages.pth"  # first .pth processed (holoscan's own hook comes later)
 
 DEPLOY = [
-    ["monai-deploy-app-sdk==4.0.0", "highdicom==0.28.2", "pydicom==3.0.2", "monai==1.6.1", *CONSTRAINTS],
+    ["monai-deploy-app-sdk==4.0.0", "highdicom==0.28.2", "pydicom==3.0.2", "monai==1.6.1", "nibabel==5.4.2"],
     ["--no-deps", "--ignore-installed", "monai==1.6.1", "filelock==4.3.1"],
 ]
 LABEL = [
     ["--no-deps", "monailabel==0.8.5", "pydicom-seg==0.4.1"],
-    ["monai==1.6.1", *CONSTRAINTS, "pydicom==2.4.5", "dicomweb-client==0.59.3", "pynetdicom==2.1.1",
+    ["monai==1.6.1", "nibabel==5.4.2", "itk==5.4.7", "pydicom==2.4.5", "dicomweb-client==0.59.3", "pynetdicom==2.1.1",
      "SimpleITK==2.5.7", "scikit-image==0.26.0", "psutil", "uvicorn>=0.29.0", "fastapi>=0.110.2",
      "pydantic>=2.7.0", "pydantic-settings>=2.2.1", "python-dotenv", "python-multipart", "httpx", "schedule",
      "timeloop", "expiringdict", "expiring_dict", "cachetools", "watchdog", "pynrrd", "einops", "filelock",
@@ -62,10 +69,16 @@ def venv_root() -> Path:
     return Path(os.environ.get("WSS_CMER_CONSUMER_VENVS") or "~/.cache/wss_cmer_brats-consumer-venvs").expanduser()
 
 
+def project_site_dirs() -> list[str]:
+    """The site-packages folders of the running interpreter (a project venv's included), in order."""
+    return [p for p in sys.path if p and Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+
+
 def _recipe_hash(name: str) -> str:
     steps = RECIPES[name]
     stub = HERE / "consumer_apps" / "torchvision_stub"
-    payload = json.dumps([sys.version, steps, sorted(p.read_text() for p in stub.rglob("*.py"))])
+    payload = json.dumps([sys.version, steps, CONSTRAINTS, project_site_dirs(),
+                          sorted(p.read_text() for p in stub.rglob("*.py"))])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -83,6 +96,22 @@ def _run(command: list[str], log: Path, timeout: int) -> None:
                            f"access to PyPI, or delete {log.parent} and rerun")
 
 
+def make_venv(venv: Path, log: Path, with_pip: bool = True) -> Path:
+    """A venv at `venv` that sees this interpreter's site-packages after its own; returns its python.
+
+    Args:
+        venv: the folder to create.
+        log: the build log.
+        with_pip: install pip into it (False: faster, for checks that install nothing).
+    """
+    _run([sys.executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(venv)], log, 300)
+    site = _site_packages(venv)
+    site.mkdir(parents=True, exist_ok=True)
+    (site / PTH_NAME).write_text("".join(f"{p}\n" for p in project_site_dirs()))
+    (venv / "constraints.txt").write_text("".join(f"{c}\n" for c in CONSTRAINTS))
+    return venv / "bin" / "python"
+
+
 def consumer_python(name: str, timeout: int = 1800) -> Path:
     """The interpreter of consumer venv `name` ("deploy" or "label"), built when missing or stale."""
     venv = venv_root() / name
@@ -96,12 +125,13 @@ def consumer_python(name: str, timeout: int = 1800) -> Path:
     venv.parent.mkdir(parents=True, exist_ok=True)
     log = venv.parent / f"{name}-build.log"
     log.write_text("")
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], log, 300)
+    make_venv(venv, log)
     for step in RECIPES[name]:
         if step[0] == "@copy":
             source = HERE / step[1]
             shutil.copytree(source, _site_packages(venv) / source.name, dirs_exist_ok=True)
         else:
-            _run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *step], log, timeout)
+            _run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c",
+                  str(venv / "constraints.txt"), *step], log, timeout)
     ready.write_text(digest)
     return python

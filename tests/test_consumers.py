@@ -9,7 +9,11 @@ bundle's own inference mask, voxel for voxel, on a non-RAS grid at another spaci
 Marked `consumers` and `slow`: the real applications, each in its own virtual environment
 (tests/consumer_envs.py: built on first use, then cached), on one phantom subject:
 MONAI Deploy App SDK 4.0.0 (an app around MonaiBundleInferenceOperator) and MONAI Label 0.8.5
-(the monaibundle app on 127.0.0.1, POST /infer). Both masks must equal the bundle's own.
+(the monaibundle app on 127.0.0.1, POST /infer). Both masks must equal the bundle's own. They
+run only when selected (tests/conftest.py skips them otherwise, so a plain
+`pytest tests/test_consumers.py` builds nothing); fast tests check that selection, the
+recipes (nibabel for Deploy, itk and nibabel for Label, torch only as a constraint) and that a
+consumer venv imports the running interpreter's torch.
 
     python -m pytest -q -m consumers tests/test_consumers.py
 """
@@ -348,3 +352,61 @@ def test_monai_label_infer_returns_the_bundles_own_mask(bundle_dir, phantom_subj
     label = nib.load(tmp_path / "label.nii.gz")
     assert re.search(r"Infer Request", log.read_text())
     assert_same_mask(np.asarray(label.dataobj), label.affine, phantom_own_mask, "MONAI Label")
+
+
+# --------------------------------------------------------------------------- selection and recipes (fast)
+
+
+def test_the_application_tests_run_only_when_selected_by_marker():
+    """`pytest tests/test_consumers.py` (pytest.ini selects no marker) must not build 2.6 GB of venvs."""
+    from tests.conftest import consumers_selected
+
+    assert consumers_selected("consumers") and consumers_selected("slow") and consumers_selected("slow and consumers")
+    assert not any(consumers_selected(e) for e in ("", None, "not slow", "not consumers", "not  slow"))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                           "tests/test_consumers.py", "-k", "monai_deploy_app or monai_label_infer"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "2 skipped" in done.stdout and "select with -m consumers (or -m slow)" in done.stdout, done.stdout[-2000:]
+
+
+def _requirements() -> dict:
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            pins[name.lower()] = version
+    return pins
+
+
+def test_recipes_name_what_each_consumer_needs_and_never_install_torch():
+    from tests.consumer_envs import CONSTRAINTS, DEPLOY, LABEL
+
+    pins = _requirements()
+    deploy = {a for step in DEPLOY for a in step}
+    label = {a for step in LABEL for a in step}
+    assert f"nibabel=={pins['nibabel']}" in deploy
+    assert {f"itk=={pins['itk']}", f"nibabel=={pins['nibabel']}"} <= label
+    assert f"torch=={pins['torch']}" in CONSTRAINTS and f"numpy=={pins['numpy']}" in CONSTRAINTS
+    requested = [a for a in deploy | label if re.match(r"^(torch|torchvision|numpy)\b", a)]
+    assert requested == []  # torch and numpy only as constraints (pip -c), the installed CPU build reused
+    card = (ROOT / "docs" / "README.md").read_text()
+    assert not re.search(r"venv --system-site-packages", card) and "00_project_site_packages.pth" in card
+    for line in (line for line in card.splitlines() if line.startswith("pip install")):
+        assert "-c constraints.txt" in line and "torch==" not in line, line
+    assert re.search(r"pip install .*monai-deploy-app-sdk.*nibabel==" + re.escape(pins["nibabel"]), card)
+    assert re.search(r"pip install .*monai==1\.6\.1 nibabel==\S+ itk==" + re.escape(pins["itk"]), card)
+
+
+def test_a_consumer_venv_reuses_the_running_interpreters_packages(tmp_path):
+    """The venv's python imports this interpreter's torch (no second torch), nibabel and itk."""
+    from tests.consumer_envs import make_venv
+
+    python = make_venv(tmp_path / "venv", tmp_path / "build.log", with_pip=False)
+    probe = ("import importlib.util, json, sys, torch, nibabel; print(json.dumps({'torch': torch.__file__, "
+             "'version': torch.__version__, 'itk': importlib.util.find_spec('itk') is not None, 'prefix': sys.prefix}))")
+    done = subprocess.run([str(python), "-c", probe], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["torch"] == torch.__file__ and seen["version"] == torch.__version__ and seen["itk"]
+    assert Path(seen["prefix"]) == tmp_path / "venv"

@@ -11,8 +11,10 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 from scripts.data.subjects import DataError
+from scripts.model.networks import MultiModalCAM
 from scripts.runtime import BundleError, _error_hook, install_error_hook, one_line, project_error
 from tests.safety_data import bundle_command, last_line
 
@@ -74,7 +76,7 @@ def test_command_line_mistakes_end_in_one_clear_last_line(case, tmp_path):
                     f"there.")
     else:  # a DataError raised while MONAI instantiates the dataset
         (tmp_path / "empty").mkdir()
-        (tmp_path / "model.pt").write_bytes(b"unused")
+        torch.save(MultiModalCAM(["t1", "t1c", "t2", "flair"], base_channels=4).state_dict(), tmp_path / "model.pt")
         result = bundle_command("inference", "--config_file", "configs/inference.yaml", "--dataset_dir",
                                 str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out"), "--ckpt_path",
                                 str(tmp_path / "model.pt"))

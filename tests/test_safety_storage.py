@@ -108,7 +108,7 @@ def test_resuming_with_other_network_settings_is_one_line_naming_the_keys(tmp_pa
     with pytest.raises(CheckpointError) as caught:
         ResumeFromCheckpoint(load_path=str(last), load_dict=now)(Engine(lambda e, b: None))
     message = str(caught.value)
-    assert "was written with other network settings: base_channels 16 -> 4." in message and "\n" not in message
+    assert "was written by another run: base_channels 16 -> 4." in message and "\n" not in message
     _checkpoint(last, 16, with_settings=False)  # a checkpoint without stored settings: the tensors are named
     with pytest.raises(CheckpointError, match=r"2 tensors of 'network' differ, e\.g\. bias, weight"):
         ResumeFromCheckpoint(load_path=str(last), load_dict=now)(Engine(lambda e, b: None))

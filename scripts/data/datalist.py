@@ -162,7 +162,7 @@ def datalist_file(dataset_dir: str | os.PathLike, datalist: str | os.PathLike | 
 
 def ensure_dataset(dataset_dir: str | os.PathLike, datalist: str | os.PathLike | None = None,
                    phantom: dict | None = None, split: Sequence[float] = PAPER_SPLIT, seed: int = 0,
-                   make_phantom: bool = True) -> str:
+                   make_phantom: bool = True, allow_missing: bool = False) -> str:
     """Make sure a dataset and its datalist exist and agree; return the datalist path.
 
     Args:
@@ -173,11 +173,16 @@ def ensure_dataset(dataset_dir: str | os.PathLike, datalist: str | os.PathLike |
         seed: the seed of the split.
         make_phantom: generate the phantom into an absent or empty `dataset_dir`; when False such
             a folder is an error (a mistyped path must not train on synthetic data).
+        allow_missing: keep subjects without some modality files (the `allow_missing` setting;
+            the volume cache zero-fills them); False makes such a subject an error.
 
     An existing datalist written by this bundle is checked against the data and the split: new
     or removed subjects, another split or seed are an error naming the difference (never a
     silent reuse); a datalist written elsewhere is used as it is.
     """
+    from scripts.runtime import as_flag  # lazy: runtime's error types import this module
+
+    allow_missing = as_flag(allow_missing, "allow_missing")
     given = Path(dataset_dir).expanduser().absolute()
     datalist_path = Path(datalist_file(given, datalist))
     if given.is_file():
@@ -186,27 +191,31 @@ def ensure_dataset(dataset_dir: str | os.PathLike, datalist: str | os.PathLike |
         raise DataError(f"--dataset_dir {given} is a file, not a folder. Fix: pass the folder holding the subject "
                         f"folders, or a datalist .json file.")
     if not given.exists() or not any(p for p in given.iterdir() if not p.name.startswith(".")):
-        from scripts.runtime import as_flag  # lazy: runtime's error types import this module
-
         if not as_flag(make_phantom, "make_phantom"):
             state = "does not exist" if not given.exists() else "is empty"
             raise DataError(f"--dataset_dir {given} {state}. Fix: check the path (the folder holding the subject "
                             f"folders), or pass --make_phantom true to generate the synthetic phantom there.")
         _generate_phantom(given, {**_PHANTOM_DEFAULTS, **(phantom or {})})
     if not datalist_path.is_file():
-        write_datalist(given, datalist_path, split=split, seed=seed)
+        try:
+            write_datalist(given, datalist_path, split=split, seed=seed, allow_missing=allow_missing)
+        except OSError as err:  # a read-only dataset folder (the datalist goes beside the data by default)
+            raise DataError(f"cannot write the datalist {datalist_path} ({err.strerror or err}): its folder is not "
+                            f"writable (a read-only dataset?). Fix: pass --datalist_path to a writable place, e.g. "
+                            f"--datalist_path {Path.home() / 'datalists' / (given.name + '.json')}.") from err
     else:
-        check_datalist_current(datalist_path, given, split, seed)
+        check_datalist_current(datalist_path, given, split, seed, allow_missing)
     return str(datalist_path)
 
 
-def check_datalist_current(datalist_path: Path, dataset_dir: Path, split: Sequence[float], seed: int) -> None:
+def check_datalist_current(datalist_path: Path, dataset_dir: Path, split: Sequence[float], seed: int,
+                           allow_missing: bool = False) -> None:
     """Raise DataError when a datalist this bundle wrote no longer matches the data or the split."""
     stored = _read_json(datalist_path, "datalist")
     if "seed" not in stored or not isinstance(stored.get("split"), dict):
         return  # not written by write_datalist: the user's own split
     listed = {str(e.get("subject")) for s in SECTIONS for e in stored.get(s, []) if isinstance(e, dict)}
-    found = {r["subject"] for r in discover_subjects(dataset_dir)}
+    found = {r["subject"] for r in discover_subjects(dataset_dir, allow_missing)}
     problems = []
     if found != listed:
         new, gone = sorted(found - listed), sorted(listed - found)

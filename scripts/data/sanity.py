@@ -12,7 +12,9 @@ Each warning says what was measured, with the numbers, and what it means for the
   volume is reoriented along the nearest axes, not resampled);
 - at inference, a mask covering more than `MAX_TUMOUR_FRACTION` of the foreground: whole
   tumours in BraTS cover well under that, so such a mask means the input is unlike the
-  training data.
+  training data;
+- segmentation labels outside the layout's set (BraTS 2018-2021: 0, 1, 2, 4; BraTS 2023+ and
+  MSD: 0, 1, 2, 3), counted per value: every non-zero label is taken as tumour.
 """
 
 from __future__ import annotations
@@ -88,6 +90,36 @@ def volume_warnings(volumes: Mapping[str, torch.Tensor], files: Mapping[str, str
                             f"{angle:.1f} degrees from the nearest world axes); it is used along the nearest axes "
                             f"without resampling (outputs keep its own grid and affine).")
     return _emit(messages) if log else messages
+
+
+# Labels a segmentation of each layout holds (whole tumour = label > 0 in all of them).
+SEG_LABELS = {"brats2018-2021": (0, 1, 2, 4), "brats2023": (0, 1, 2, 3), "msd": (0, 1, 2, 3)}
+SEG_LAYOUT_NAMES = {"brats2018-2021": "BraTS 2018-2021", "brats2023": "BraTS 2023+", "msd": "MSD Task01"}
+
+
+def label_warnings(seg: torch.Tensor, file: str, subject: str, layout: str | None = None, log: bool = True) -> list[str]:
+    """A warning counting the voxels of each label outside the layout's set (`SEG_LABELS`; any
+    other layout: 0-4), since every non-zero label is taken as tumour.
+
+    Args:
+        seg: the label map as loaded.
+        file: the seg file, for the message.
+        subject: the subject id, for the message.
+        layout: the record's layout (brats2018-2021, brats2023, msd, datalist, ...).
+        log: also log the warning.
+    """
+    allowed = SEG_LABELS.get(str(layout), (0, 1, 2, 3, 4))
+    values, counts = torch.unique(torch.as_tensor(seg), return_counts=True)
+    unexpected = [(float(v), int(n)) for v, n in zip(values.tolist(), counts.tolist()) if float(v) not in allowed]
+    if not unexpected:
+        return []
+    listed = ", ".join(f"{v:g} ({n} voxel{'s' if n != 1 else ''})" for v, n in unexpected[:8])
+    more = f" and {len(unexpected) - 8} more values" if len(unexpected) > 8 else ""
+    name = SEG_LAYOUT_NAMES.get(str(layout), "BraTS or MSD")
+    message = (f"subject {subject}: seg file {file} holds labels outside {{{', '.join(map(str, allowed))}}} ({name}): "
+               f"{listed}{more}; every non-zero label is taken as tumour. Check the file (another label convention, "
+               f"a resampled or corrupt export?).")
+    return _emit([message]) if log else [message]
 
 
 def mask_warning(mask: torch.Tensor, foreground: torch.Tensor, subject: str, log: bool = True) -> list[str]:

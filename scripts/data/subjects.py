@@ -135,8 +135,8 @@ def _record_from_files(subject: str, folder: Path, files, grade, allow_missing: 
         expected = ", ".join(str(folder / _expected_name(subject, m, layout)) for m in missing)
         raise DataError(
             f"subject {subject}: missing modality file(s) {missing} in {folder} (expected e.g. {expected}). "
-            f"Fix: add the missing file(s), remove the subject folder, or pass allow_missing=True to "
-            f"zero-fill missing modalities."
+            f"Fix: add the missing file(s), remove the subject folder, or pass --allow_missing true to "
+            f"zero-fill missing modalities (the datalist command: --allow-missing)."
         )
     if not found:
         raise DataError(f"subject {subject}: folder {folder} has a segmentation but no image file.")
@@ -156,14 +156,27 @@ def _records_in_folder(folder: Path, grade_parts: list[str], allow_missing: bool
             for prefix, files in sorted(groups.items())]
 
 
+def _warn_hidden_subject_folder(folder: Path) -> None:
+    """A warning for a hidden folder (skipped) that holds image files, e.g. a subject named `..x`."""
+    images = sorted(p.name for p in folder.iterdir()
+                    if p.is_file() and not p.name.startswith("._") and _parse_volume_name(p.name.lstrip(".")))
+    if images:
+        logger.warning(f"skipped folder {folder}: its name starts with '.' (a hidden folder) but it holds "
+                       f"{len(images)} image files (e.g. {images[0]}); its subject is not used. Fix: rename it "
+                       f"without the leading '.' to include it, or move it out of the dataset folder.")
+
+
 def _discover_folders(root: Path, allow_missing: bool) -> list[dict]:
-    """BraTS-style discovery: walk down to the folders that hold modality files."""
+    """BraTS-style discovery: walk down to the folders that hold modality files (hidden folders
+    are skipped; one that holds image files is named in a warning)."""
     if _volume_files(root):  # `root` is one subject's folder; HGG/LGG may be its parent
         return _records_in_folder(root, [root.parent.name, root.name], allow_missing)
     records: list[dict] = []
     pending = [(root, 0)]
     while pending:
         folder, depth = pending.pop()
+        for hidden in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(".")):
+            _warn_hidden_subject_folder(hidden)
         subfolders = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
         for sub in subfolders:
             if _volume_files(sub):

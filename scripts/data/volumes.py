@@ -86,7 +86,7 @@ def _load_channels(record: dict, subject: str, allow_missing: bool):
     missing = [m for m in MODALITIES if m not in loaded]
     if missing and not allow_missing:
         raise DataError(f"subject {subject}: no {missing} volume (files: {sorted(set(files.values()))}). Fix: add "
-                        f"the missing modality file(s), or use VolumeCache(allow_missing=True) to zero-fill them.")
+                        f"the missing modality file(s), or pass --allow_missing true to zero-fill them.")
     return loaded, files
 
 
@@ -128,10 +128,12 @@ def preprocess_subject(record: dict, spatial_size: Sequence[int] | None = None, 
             raise DataError(f"subject {subject}: seg file {record['seg']} holds {loaded['seg'].shape[0]} volumes; "
                             f"one 3D label map was expected.")
     check_same_grid(loaded, files, subject)
-    from scripts.data.sanity import volume_warnings
+    from scripts.data.sanity import label_warnings, volume_warnings
 
     images = {m: v for m, v in loaded.items() if m != "seg"}
     warnings = volume_warnings(images, files, subject, seg=loaded.get("seg"))
+    if "seg" in loaded:
+        warnings += label_warnings(loaded["seg"], record["seg"], subject, record.get("layout"))
     reference = next(iter(loaded.values()))
     data = {m: loaded.get(m, torch.zeros_like(reference)) for m in MODALITIES}  # zero-fill (allow_missing)
     data["seg"] = loaded.get("seg", torch.zeros_like(reference))
@@ -203,7 +205,9 @@ class VolumeCache:
         self.spatial_size = None if spatial_size is None else tuple(int(s) for s in spatial_size)
         self.spacing = target_pixdim(spacing)
         self.normalization = normalization
-        self.allow_missing = allow_missing
+        from scripts.runtime import as_flag  # lazy: runtime's error hook imports the data layer
+
+        self.allow_missing = as_flag(allow_missing, "allow_missing")
         self.memory_items = memory_items
         self._memory: OrderedDict[str, dict] = OrderedDict()
         self.builds = 0
@@ -239,7 +243,7 @@ class VolumeCache:
         missing = [m for m in MODALITIES if m not in meta["present"]]
         if missing and not self.allow_missing:
             raise DataError(f"subject {record['subject']}: no {missing} volume (files: {_source_files(record)}). "
-                            f"Fix: add the missing modality file(s), or use VolumeCache(allow_missing=True).")
+                            f"Fix: add the missing modality file(s), or pass --allow_missing true to zero-fill them.")
         return meta
 
     def _read_meta(self, key: str) -> dict | None:

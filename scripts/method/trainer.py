@@ -20,6 +20,7 @@ import ctypes.util
 import sys
 
 import torch
+from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
@@ -232,6 +233,8 @@ class CMERTrainer(Trainer):
             self.training_nets = [torch.compile(net) for net in self.training_nets]
         if len(self.training_nets) != len(self.modalities):
             raise ValueError(f"{len(self.training_nets)} training nets for {len(self.modalities)} modalities")
+        # Registered here, so it runs before any checkpoint saver attached later (exact resume).
+        self.add_event_handler(Events.EPOCH_COMPLETED, finish_epoch_data)
 
     def forward_views(self, images: torch.Tensor, images_t: torch.Tensor | None):
         """Run every modality network over its original and transformed views."""
@@ -389,6 +392,30 @@ class CMERTrainer(Trainer):
                 output[f"{name}/{term}"] = _detached(value)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI's Workflow decollates here
         return engine.state.output
+
+
+def finish_epoch_data(engine) -> None:
+    """Run a fully consumed data iterator to its end when the epoch completes.
+
+    Ignite keeps the epoch's data iterator and asks it for one more item only at the start of
+    the next epoch; torch's `RandomSampler` (the data loader's plain shuffling) draws one more
+    permutation from its generator right then, after the epoch's checkpoint was written. A run
+    resumed from that checkpoint would start the next epoch without that draw and shuffle
+    differently. Finishing the iterator at EPOCH_COMPLETED makes the draw part of the epoch
+    (the uninterrupted run sees the same stream: ignite then opens the next epoch's iterator
+    as before). An iterator with batches left (`epoch_length` < the loader's length) is kept.
+
+    Args:
+        engine: the trainer (ignite passes it).
+    """
+    iterator = getattr(engine, "_dataloader_iter", None)
+    loader = engine.state.dataloader
+    try:
+        consumed = iterator is not None and engine.state.epoch_length == len(loader)
+    except TypeError:  # a loader without a length
+        consumed = False
+    if consumed and next(iterator, None) is not None:
+        raise RuntimeError("the training data loader gave more batches than its length")
 
 
 def slice_logits(maps: list[torch.Tensor]) -> torch.Tensor:

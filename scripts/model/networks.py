@@ -382,14 +382,28 @@ DEFAULT_SETTINGS = ModelSettings(modalities=["t1", "t1c", "t2", "flair"], backbo
                                  slice_normalization="none")
 
 
+class UnreadableCheckpoint(BundleError):
+    """A model checkpoint that torch cannot read (truncated, corrupt, not a checkpoint)."""
+
+
+def read_checkpoint(path):
+    """torch.load(path) on the CPU (weights only), or an `UnreadableCheckpoint` naming the file and the fix."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip errors, EOFError, unpickling errors, ...
+        first = str(err).splitlines()[0].split(". ")[0][:200] if str(err) else ""
+        raise UnreadableCheckpoint(
+            f"checkpoint {path} is unreadable ({type(err).__name__}: {first}); it is truncated or corrupt (a full "
+            f"disk, or a copy cut short). Fix: copy or export it again (training keeps the best model in "
+            f"<ckpt_dir>/model.pt), or pass --ckpt_path to another checkpoint.") from err
+
+
 def checkpoint_settings(path) -> ModelSettings:
-    """The settings recorded in a model checkpoint (all None when absent or not recorded)."""
+    """The settings recorded in a model checkpoint (all None when absent or not recorded); an
+    existing file that cannot be read is an `UnreadableCheckpoint`."""
     if path is None or not Path(path).is_file():
         return ModelSettings()
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # unreadable: the checkpoint loader reports it with its own message
-        return ModelSettings()
+    state = read_checkpoint(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     return ModelSettings.from_state(state.get("_extra_state") if isinstance(state, dict) else None)

@@ -122,14 +122,15 @@ class SaveStage2Maskd(Transform):
         write_probability: also write `<subject>_stage2_prob.nii.gz`.
         prob_key: key of the probability (1, X, Y, Z).
         mask_key: key of the mask (1, X, Y, Z).
+        checkpoint: the stage-2 checkpoint; the manifest records its hash per subject.
     """
 
     def __init__(self, output_dir, write_probability: bool = True, prob_key: str = "stage2_prob",
-                 mask_key: str = "stage2_mask"):
+                 mask_key: str = "stage2_mask", checkpoint=None):
         self.output_dir = Path(output_dir)
         self.write_probability = as_flag(write_probability, "stage2_write_probability")
         self.prob_key, self.mask_key = prob_key, mask_key
-        self.manifest = OutputManifest(self.output_dir)
+        self.manifest = OutputManifest(self.output_dir, checkpoint)
 
     def __call__(self, data: dict) -> dict:
         from scripts.workflows.inference import write_nifti  # the inference writing path (atomic, input affine)
@@ -145,7 +146,7 @@ class SaveStage2Maskd(Transform):
         if self.write_probability:
             saved.append(write_nifti(folder / f"{subject}_stage2_prob.nii.gz", probability[0], affine, np.float32))
         saved.append(write_nifti(folder / f"{subject}_stage2_mask.nii.gz", mask[0] > 0.5, affine, np.uint8))
-        self.manifest.replace(MANIFEST_PREFIX + str(data["subject"]), saved)
+        self.manifest.replace(MANIFEST_PREFIX + str(data["subject"]), saved, subject_id=str(data["subject"]))
         data["stage2_saved"] = [str(p) for p in saved]
         print(f"[stage2] {data['subject']}: mask -> {saved[-1]}", flush=True)
         return data

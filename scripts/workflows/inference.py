@@ -118,6 +118,17 @@ def find_inputs(dataset_dir=None, files=None, subject: str | None = None) -> lis
     return records
 
 
+def input_subjects(dataset_dir=None, files=None, subject: str | None = None) -> list[str]:
+    """The subject ids a run writes (`find_inputs`'s records), for `claim_output_dir`.
+
+    Args:
+        dataset_dir: as `find_inputs`.
+        files: as `find_inputs`.
+        subject: as `find_inputs`.
+    """
+    return [str(r["subject"]) for r in find_inputs(dataset_dir, files, subject)]
+
+
 # ---------------------------------------------------------------------------------------
 # Loading (the first transform of the preprocessing)
 
@@ -321,12 +332,13 @@ class SaveSubjectMapsd(Transform):
         output_dir: folder of the subject folders.
         pred_key: key of the maps (M+1, X, Y, Z).
         mask_key: key of the mask (1, X, Y, Z).
+        checkpoint: the checkpoint that made the maps; the manifest records its hash per subject.
     """
 
-    def __init__(self, output_dir, pred_key: str = "pred", mask_key: str = "mask"):
+    def __init__(self, output_dir, pred_key: str = "pred", mask_key: str = "mask", checkpoint=None):
         self.output_dir = Path(output_dir)
         self.pred_key, self.mask_key = pred_key, mask_key
-        self.manifest = OutputManifest(self.output_dir)
+        self.manifest = OutputManifest(self.output_dir, checkpoint)
 
     def __call__(self, data: dict) -> dict:
         subject = safe_name(data["subject"])
@@ -394,10 +406,14 @@ class SubjectProgress:
 
 
 def require_checkpoint(path) -> str:
-    """The checkpoint path, or a FileNotFoundError that says how to get one."""
+    """The checkpoint path, or a FileNotFoundError that says how to get one; a file torch cannot
+    read is an `UnreadableCheckpoint` (one line naming it and the fix)."""
     if not Path(path).is_file():
         raise MissingCheckpoint(f"no checkpoint at {path}. Fix: train first ({TRAIN_HINT}) or pass --ckpt_path PATH "
                                 f"(a state dict of scripts.model.networks.MultiModalCAM).")
+    from scripts.model.networks import read_checkpoint
+
+    read_checkpoint(path)
     return str(path)
 
 

@@ -5,15 +5,23 @@
   leave the output folder (`.`, `..`, absolute ids and path separators are refused).
 - `check_distinct_names` refuses two subjects whose names differ only in case (one file on
   case-insensitive file systems).
-- `OutputManifest` lists every file a run wrote (`<output_dir>/.manifest.json`); a rerun
-  removes a subject's earlier files only when the manifest says a run of this bundle wrote
-  them, so a user's own files in the folder are never deleted.
+- `OutputManifest` lists every file a run wrote (`<output_dir>/.manifest.json`) and which
+  checkpoint wrote it (a hash of the file, `checkpoint_digest`); a rerun removes a subject's
+  earlier files only when the manifest says a run of this bundle wrote them, so a user's own
+  files in the folder are never deleted.
 - `claim_output_dir` refuses to write into a folder that already holds results unless the
-  user passes `--overwrite true`.
+  user passes `--overwrite true`, and keeps a folder to one model's outputs. The exact rule:
+  with `--overwrite true`, a run may replace earlier results only when every subject whose
+  files another checkpoint wrote (per the manifest) is among the subjects this run writes;
+  otherwise (e.g. `--subject a_b` with a new model.pt in a folder holding the old model's
+  other subjects) it is refused before anything is written: rerun all of the folder's
+  subjects with --overwrite true, or choose another --output_dir. Files of a manifest from
+  an older bundle (no checkpoint recorded) are not counted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -66,17 +74,35 @@ def check_distinct_names(subjects: Iterable) -> None:
                             f"({file_name(other)}/, case-insensitively). Fix: rename one of them.")
 
 
+def checkpoint_digest(path) -> str | None:
+    """The first 16 hex digits of the SHA-256 of a checkpoint file (None when there is none)."""
+    if not path or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 class OutputManifest:
-    """The files a run of this bundle wrote into `output_dir` (relative paths per subject).
+    """The files a run of this bundle wrote into `output_dir` (relative paths per entry) and,
+    per entry, the subject and the checkpoint (`checkpoint_digest`) that wrote them.
 
     Each record reads the manifest on disk again and rewrites it atomically, so an interrupted
     run still lists everything it wrote, and several writers of one run (the CAM and the
     stage-2 outputs of `serve: both`, one subject after the other) keep each other's entries.
+
+    Args:
+        output_dir: the run's output folder.
+        checkpoint: the checkpoint file whose outputs this writer records (None: not recorded).
     """
 
-    def __init__(self, output_dir):
+    def __init__(self, output_dir, checkpoint=None):
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / MANIFEST_NAME
+        self.checkpoint = checkpoint
+        self._digest: str | None = None
         self._files: dict[str, list[str]] | None = None
 
     def _load(self) -> dict[str, list[str]]:
@@ -88,33 +114,54 @@ class OutputManifest:
         """Files an earlier run wrote for `subject` (that still exist)."""
         return [self.output_dir / p for p in self._load().get(str(subject), []) if (self.output_dir / p).is_file()]
 
-    def record(self, subject, files: Sequence[os.PathLike]) -> None:
+    def record(self, subject, files: Sequence[os.PathLike], subject_id: str | None = None) -> None:
+        """List `files` under entry `subject` (written by this writer's checkpoint).
+
+        Args:
+            subject: the manifest entry (the subject id, or e.g. `stage2:<id>` for a second writer).
+            files: the files written.
+            subject_id: the subject the entry belongs to (default: `subject`).
+        """
         entries = read_manifest(self.output_dir)  # another writer's entries since our last read stay
+        written_by = read_written_by(self.output_dir)
         entries[str(subject)] = [Path(os.path.relpath(f, self.output_dir)).as_posix() for f in files]
-        atomic_write_json(self.path, {"version": 1, "files": entries})
+        if self.checkpoint is not None and self._digest is None:
+            self._digest = checkpoint_digest(self.checkpoint)
+        written_by[str(subject)] = {"subject": str(subject if subject_id is None else subject_id),
+                                    "checkpoint": self._digest}
+        atomic_write_json(self.path, {"version": 2, "files": entries, "written_by": written_by})
         self._files = entries
 
-    def replace(self, subject, files: Sequence[os.PathLike]) -> list[Path]:
+    def replace(self, subject, files: Sequence[os.PathLike], subject_id: str | None = None) -> list[Path]:
         """Record `files` for `subject`; delete the subject's earlier files not among them
         (e.g. a modality's map from a run with other inputs). Returns the deleted files."""
         kept = {Path(f).absolute() for f in files}
         stale = [p for p in self.earlier_files(subject) if p.absolute() not in kept]
-        self.record(subject, files)
+        self.record(subject, files, subject_id)
         for path in stale:
             path.unlink(missing_ok=True)
         return stale
 
 
-def read_manifest(output_dir) -> dict[str, list[str]]:
+def _manifest(output_dir) -> dict:
     path = Path(output_dir) / MANIFEST_NAME
     try:
-        content = json.loads(path.read_text())
+        return dict(json.loads(path.read_text()))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:
         raise DataError(f"output manifest {path} is unreadable ({err}). Fix: delete it (the results it lists are "
                         f"then treated as your own files and never deleted), or pass another --output_dir.") from err
-    return {str(k): [str(p) for p in v] for k, v in dict(content.get("files", {})).items()}
+
+
+def read_manifest(output_dir) -> dict[str, list[str]]:
+    """{entry: [relative paths]} of the files runs of this bundle wrote into `output_dir`."""
+    return {str(k): [str(p) for p in v] for k, v in dict(_manifest(output_dir).get("files", {})).items()}
+
+
+def read_written_by(output_dir) -> dict[str, dict]:
+    """{entry: {"subject", "checkpoint"}}: who wrote each entry's files (empty for older manifests)."""
+    return {str(k): dict(v) for k, v in dict(_manifest(output_dir).get("written_by", {})).items()}
 
 
 def earlier_results(output_dir, patterns: Sequence[str] = ("*/*_mask.nii.gz",)) -> list[Path]:
@@ -129,17 +176,42 @@ def earlier_results(output_dir, patterns: Sequence[str] = ("*/*_mask.nii.gz",)) 
     return sorted(found)
 
 
-def claim_output_dir(output_dir, overwrite: bool = False, patterns: Sequence[str] = ("*/*_mask.nii.gz",)) -> Path:
-    """Refuse a folder that already holds results, unless `overwrite`.
+def claim_output_dir(output_dir, overwrite: bool = False, patterns: Sequence[str] = ("*/*_mask.nii.gz",),
+                     checkpoints: Sequence | None = None, subjects: Sequence | None = None) -> Path:
+    """Refuse a folder that already holds results, unless `overwrite`; refuse a run that would
+    leave the folder with two models' outputs (the rule in the module docstring).
 
     Args:
         output_dir: the run's output folder.
         overwrite: True replaces earlier results (files the bundle did not write are kept).
         patterns: glob patterns of result files (relative to output_dir).
+        checkpoints: the checkpoint files whose outputs this run writes (None: not checked).
+        subjects: the subject ids this run writes (None: not checked).
     """
     found = earlier_results(output_dir, patterns)
     if found and not as_flag(overwrite, "overwrite"):
         shown = ", ".join(str(p.relative_to(output_dir)) for p in found[:3])
         raise BundleError(f"--output_dir {output_dir} already holds results of an earlier run ({len(found)} files, e.g. "
                         f"{shown}). Fix: pass --overwrite true to replace them, or choose another --output_dir.")
+    if found and checkpoints is not None and subjects is not None:
+        _check_one_model(Path(output_dir), [checkpoint_digest(p) for p in checkpoints], {str(s) for s in subjects})
     return Path(output_dir)
+
+
+def _check_one_model(folder: Path, ours: list, subjects: set) -> None:
+    if None in ours:
+        return  # a checkpoint is missing: the run stops on it with its own message
+    files = read_manifest(folder)
+    left: dict[str, set] = {}
+    for entry, writer in read_written_by(folder).items():
+        digest, subject = writer.get("checkpoint"), str(writer.get("subject"))
+        if digest is None or digest in ours or subject in subjects:
+            continue
+        if any((folder / p).is_file() for p in files.get(entry, [])):
+            left.setdefault(digest, set()).add(subject)
+    if left:
+        others = sorted({s for group in left.values() for s in group})
+        raise BundleError(f"--output_dir {folder} holds outputs of another checkpoint ({', '.join(sorted(left))}; this "
+                          f"run's: {', '.join(ours)}) for {len(others)} subject(s) this run does not write (e.g. "
+                          f"{', '.join(others[:3])}): the folder would mix two models' outputs. Fix: rerun every "
+                          f"subject of that folder with --overwrite true (no --subject), or choose another --output_dir.")

@@ -299,6 +299,9 @@ def test_serve_both_loads_each_subject_once_and_equals_the_separate_runs(trained
         assert both[name] == content, name  # byte-identical NIfTI (header and voxels)
     manifest = json.loads((tmp_path / "both" / ".manifest.json").read_text())["files"]
     assert set(manifest) == set(names) | {f"stage2:{n}" for n in names}  # both writers' entries kept
+    written_by = json.loads((tmp_path / "both" / ".manifest.json").read_text())["written_by"]
+    assert {written_by[f"stage2:{n}"]["subject"] for n in names} == set(names)  # each writer's own checkpoint
+    assert len({written_by[n]["checkpoint"] for n in names} | {written_by[f"stage2:{n}"]["checkpoint"] for n in names}) == 2
 
 
 def test_serve_both_checks_both_checkpoints_and_modalities_before_writing(trained, tmp_path):
