@@ -63,6 +63,7 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
                         "~3000 slices: 191 steps per epoch at K = 1, 1910 in all, 3.2x the default): a learning curve",
                              ["--objective#use_er", "false", "--objective#use_kd", "false",
                               "--objective#use_cmer", "false", "--lr", "1e-4", "--max_slices_per_epoch", "3840"]),
+    "lr1e-4": ("constant lr 1e-4 (terms as committed)", ["--lr", "1e-4"]),
     "lr2e-4_cosine": ("lr 2e-4, one warm-up epoch, cosine decay (terms as committed)",
                       ["--lr", "2e-4", "--lr_schedule#warmup_epochs", "1", "--lr_schedule#decay", "cosine"]),
     "balanced_lr2e-4_cosine": ("reduction balanced + lr 2e-4, one warm-up epoch, cosine decay",
