@@ -152,15 +152,12 @@ def reduce_squared(diff_sq: torch.Tensor, sample_weight: torch.Tensor | None, va
         if valid is not None:
             return weighted.sum() / valid.sum().clamp_min(1.0)
         return weighted.sum() / max(float(diff_sq.numel()), 1.0)
-    pixels = 1.0
-    if reduction == "per_sample_mean":
-        pixels = max(float(diff_sq[0].numel()), 1.0) if valid is None else None
-    if pixels is None:  # per-sample mean over each sample's in-field pixels
-        weighted = weighted.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1.0)
-        pixels = 1.0
+    if reduction == "per_sample_mean":  # each sample's mean over its (in-field) pixels
+        pixels = valid.flatten(1).sum(1).clamp_min(1.0) if valid is not None else max(float(diff_sq[0].numel()), 1.0)
+        weighted = weighted.flatten(1).sum(1) / pixels
     if sample_weight is not None:
-        return weighted.sum() / sample_weight.sum().clamp_min(1.0) / pixels
-    return weighted.sum() / max(float(diff_sq.shape[0]), 1.0) / pixels
+        return weighted.sum() / sample_weight.sum().clamp_min(1.0)
+    return weighted.sum() / max(float(diff_sq.shape[0]), 1.0)
 
 
 def term_reduction(reduction: str, term: str) -> str:

@@ -195,7 +195,8 @@ class CMERTrainer(Trainer):
             weighted term of a network's loss pulls on its weights: the gradient norm of
             lambda * term over the gradient norm of L_C, per network, reported in the output as
             "<modality>/grad_share_<term>" (e.g. t2/grad_share_L_CMER). One extra partial
-            backward per term and network on those iterations; the update is unchanged.
+            backward per term and network on those iterations; the update is unchanged. Not
+            measured under `low_memory` (its graphs are freed network by network).
     """
 
     def __init__(self, device, max_epochs: int, train_data_loader, network, optimizers: ModalityOptimizers,
