@@ -71,6 +71,10 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
                                 "--lr_schedule#warmup_epochs", "1", "--lr_schedule#decay", "cosine"]),
     "lr3e-4_cosine": ("lr 3e-4, one warm-up epoch, cosine decay",
                       ["--lr", "3e-4", "--lr_schedule#warmup_epochs", "1", "--lr_schedule#decay", "cosine"]),
+    "trust_balanced_lr1e-4": ("only more accurate partners teach (partner_trust more_accurate), reduction balanced, "
+                              "constant lr 1e-4",
+                              ["--objective#partner_trust", "more_accurate", "--objective#reduction", "balanced",
+                               "--lr", "1e-4"]),
 }
 _SHARE = re.compile(r"(\w+)/grad_share_(L_\w+): ([-+0-9.eE]+)")
 _EPOCH = re.compile(r"Epoch: (\d+)/\d+, Iter")

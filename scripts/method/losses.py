@@ -31,6 +31,7 @@ from scripts.runtime import as_flag
 REDUCTIONS = ("mean", "per_sample_sum", "balanced")
 SCHEDULES = ("paper", "sigmoid", "polynomial", "constant")
 CMER_NORMALISE = ("before_transform", "after_transform")
+PARTNER_TRUST = ("all", "more_accurate")
 
 
 _FLAGS = ("use_er", "use_kd", "use_cmer", "er_positive_only", "cmer_partner_mask", "cmer_positive_only",
@@ -55,6 +56,11 @@ class ObjectiveConfig:
     cmer_positive_only: bool = True  # code: mask includes y = 1
     cmer_normalise: str = "before_transform"  # Eq. 4: pi(M / ||M||); code: pi(M) / ||pi(M)||
     mask_out_of_field: bool = False  # improvement: ignore pixels pi brought in from outside
+    # Which partners j teach network k through L_KD and L_CMER: "all" (the paper) or
+    # "more_accurate" (improvement): only partners that classify this batch's slices (both views)
+    # more accurately than k does, so a modality that has not learnt yet cannot pull a better one
+    # down (docs/recipe.md). The teachers are chosen per batch from the labels; nothing is kept.
+    partner_trust: str = "all"
     # Run the transformed view even without ER/CMER (L_C and L_KD then use both views, as
     # in the siamese ablations of Table III); None = only when ER or CMER needs it.
     two_views: bool | None = None
@@ -69,6 +75,8 @@ class ObjectiveConfig:
                 setattr(self, name, as_flag(value, f"objective#{name}"))
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.partner_trust not in PARTNER_TRUST:
+            raise ValueError(f"partner_trust must be one of {PARTNER_TRUST}, got {self.partner_trust!r}")
         if self.cmer_normalise not in CMER_NORMALISE:
             raise ValueError(f"cmer_normalise must be one of {CMER_NORMALISE}, got {self.cmer_normalise!r}")
         if self.kd_temperature <= 0:
@@ -235,6 +243,17 @@ def cmer_loss(own_pi_o: torch.Tensor, own_t: torch.Tensor, partner_pi_o: torch.T
     return 0.5 * (term_1 + term_2)
 
 
+def batch_accuracies(logits_o: list[torch.Tensor], logits_t: list, labels: torch.Tensor) -> list[float]:
+    """Each network's slice accuracy (a Python float) on this batch, over both views when there are two."""
+    out = []
+    for lo, lt in zip(logits_o, logits_t):
+        correct = (lo.detach().argmax(dim=1) == labels).float().mean()
+        if lt is not None:
+            correct = 0.5 * (correct + (lt.detach().argmax(dim=1) == labels).float().mean())
+        out.append(float(correct))
+    return out
+
+
 # ----------------------------------------------------------------------------- objective
 
 
@@ -278,6 +297,8 @@ class CMERObjective:
         preds_o = [lo.argmax(dim=1) == TUMOUR_CHANNEL for lo in logits_o] if cross else None
         preds_t = [lt.argmax(dim=1) == TUMOUR_CHANNEL for lt in logits_t] if cross and maps_t is not None else None
 
+        accuracy = batch_accuracies(logits_o, logits_t, labels) if cross and cfg.partner_trust != "all" else None
+
         per_modality, total = {}, 0.0
         for k, name in enumerate(modalities):
             if only is not None and k not in only:
@@ -285,21 +306,25 @@ class CMERObjective:
             terms = {"L_C": classification_loss(logits_o[k], logits_t[k], labels)}
             loss = terms["L_C"]
             partners = [j for j in range(k_count) if j != k]
-            if cfg.use_kd and partners:
+            if accuracy is not None:  # partner_trust "more_accurate"
+                partners = [j for j in partners if accuracy[j] > accuracy[k]]
+            # With no trusted partner a cross term is an exact zero that keeps k's graph, so it
+            # is still logged (and its gradient share measured) every iteration.
+            no_partner = logits_o[k].sum() * 0.0
+            if cfg.use_kd and k_count > 1:
                 terms["L_KD"] = sum(
-                    kd_loss(logits_o[k], logits_o[j], logits_t[k], logits_t[j], cfg.kd_temperature) for j in partners
-                ) / len(partners)
+                    (kd_loss(logits_o[k], logits_o[j], logits_t[k], logits_t[j], cfg.kd_temperature) for j in partners),
+                    no_partner) / max(len(partners), 1)
                 loss = loss + cfg.lambda_kd * terms["L_KD"]
             equivariance = 0.0
             if cfg.use_er and cams_t is not None:
                 terms["L_ER"] = er_loss(pi_cams[k], cams_t[k], labels, cfg, valid)
                 equivariance = equivariance + terms["L_ER"]
-            if cfg.use_cmer and partners and pi_cams_l2 is not None:
+            if cfg.use_cmer and k_count > 1 and pi_cams_l2 is not None:
                 terms["L_CMER"] = sum(
-                    cmer_loss(pi_cams_l2[k], cams_t[k], pi_cams_l2[j], cams_t[j], labels, preds_o[j], preds_t[j],
-                              cfg, valid)
-                    for j in partners
-                ) / len(partners)
+                    (cmer_loss(pi_cams_l2[k], cams_t[k], pi_cams_l2[j], cams_t[j], labels, preds_o[j], preds_t[j],
+                               cfg, valid) for j in partners),
+                    no_partner) / max(len(partners), 1)
                 equivariance = equivariance + terms["L_CMER"]
             if torch.is_tensor(equivariance):
                 loss = loss + lambda_e_value * equivariance
