@@ -306,6 +306,40 @@ def test_single_modality_skips_cross_terms():
     assert set(out.per_modality["flair"]) == {"L_C", "L_ER", "loss"}
 
 
+def _rigged_maps(tumour_logit: list[float], size: int = 4) -> torch.Tensor:
+    """(B, 2, H, W) maps whose GAP logits are (0, l) per sample, with some spatial structure."""
+    maps = torch.zeros(len(tumour_logit), 2, size, size)
+    for n, value in enumerate(tumour_logit):
+        maps[n, 1] = value
+        maps[n, 1, 0, 0] += 1.0  # a peak, so the normalised CAM is not all zero
+        maps[n, 1, 0, 1] -= 1.0
+    return maps.requires_grad_(True)
+
+
+def test_partner_trust_more_accurate_lets_only_better_partners_teach():
+    labels = torch.tensor([1, 1, 0, 0])
+    good = _rigged_maps([3.0, 3.0, -3.0, -3.0])  # right on all four slices
+    poor = _rigged_maps([3.0, -3.0, 3.0, -3.0])  # right on two
+    for maps in (good, poor):
+        maps.retain_grad()
+    maps_o = [good, poor]
+    maps_t = [torch.flip(good, dims=(-1,)), torch.flip(poor, dims=(-1,))]
+    paper = CMERObjective(ObjectiveConfig())(["flair", "t2"], maps_o, maps_t, labels, HorizontalFlip())
+    trusted = CMERObjective(ObjectiveConfig(partner_trust="more_accurate"))(
+        ["flair", "t2"], maps_o, maps_t, labels, HorizontalFlip())
+    # The better network learns from no one: its cross terms are exact zeros (still logged) ...
+    assert trusted.per_modality["flair"]["L_KD"].item() == 0.0
+    assert trusted.per_modality["flair"]["L_CMER"].item() == 0.0
+    assert paper.per_modality["flair"]["L_KD"].item() > 0.1
+    # ... while the poorer one is taught by the better exactly as under the paper's "all" (one partner).
+    for term in ("L_KD", "L_CMER"):
+        assert torch.allclose(trusted.per_modality["t2"][term], paper.per_modality["t2"][term])
+    trusted.per_modality["flair"]["loss"].backward()
+    assert good.grad is not None and poor.grad is None  # zeros keep the graph, send nothing to the partner
+    with pytest.raises(ValueError, match="partner_trust"):
+        ObjectiveConfig(partner_trust="best")
+
+
 def test_full_supervision_objective_uses_monai_dice_ce():
     maps = torch.zeros(1, 2, 4, 4)
     mask = torch.zeros(1, 1, 4, 4)
