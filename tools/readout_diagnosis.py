@@ -32,7 +32,7 @@ def _dsc(pred: torch.Tensor, truth: torch.Tensor) -> float:
 
 def volume_readouts(nets, image: torch.Tensor, truth: torch.Tensor, gate_threshold: float) -> dict:
     """{read-out name: per-modality map volumes (K, H, W, D) whose mask is map > 0.5}."""
-    from scripts.model.cams import max_normalise, tumour_probability
+    from scripts.model.cams import max_normalise, pooling_of, tumour_probability
 
     brain = (image != 0).reshape(-1, image.shape[-1]).any(0)
     tumour_slices = truth.reshape(-1, truth.shape[-1]).any(0)
@@ -40,7 +40,7 @@ def volume_readouts(nets, image: torch.Tensor, truth: torch.Tensor, gate_thresho
     with torch.no_grad():
         for k, net in enumerate(nets):
             maps = net(image[k].permute(2, 0, 1)[:, None]).float()  # (D, C, H, W)
-            keep = ((tumour_probability(maps) > gate_threshold) & brain).float()[:, None, None]
+            keep = ((tumour_probability(maps, 1, *pooling_of(net)) > gate_threshold) & brain).float()[:, None, None]
             oracle = (tumour_slices & brain).float()[:, None, None]
             cam = max_normalise(maps[:, 1])
             views = {"paper": cam * keep, "class_difference": max_normalise(maps[:, 1] - maps[:, 0]) * keep,

@@ -75,6 +75,9 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
                               "constant lr 1e-4",
                               ["--objective#partner_trust", "more_accurate", "--objective#reduction", "balanced",
                                "--lr", "1e-4"]),
+    "topk01_ema": ("top-k pooling of the maps (1 % of the pixels) and validation / model.pt on an EMA of the weights "
+                   "(decay 0.99); terms as committed",
+                   ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--ema_decay", "0.99"]),
 }
 _SHARE = re.compile(r"(\w+)/grad_share_(L_\w+): ([-+0-9.eE]+)")
 _EPOCH = re.compile(r"Epoch: (\d+)/\d+, Iter")

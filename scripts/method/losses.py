@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from scripts.common import TUMOUR_CHANNEL
-from scripts.model.cams import max_normalise
+from scripts.model.cams import logits_from_maps, max_normalise, parse_pooling
 from scripts.runtime import as_flag
 
 REDUCTIONS = ("mean", "per_sample_sum", "balanced")
@@ -264,10 +264,18 @@ class ObjectiveOutput:
 
 
 class CMERObjective:
-    """Eq. 8 for K modality networks: L_C + lambda_KD * mean_j L_KD + lambda_E (L_ER + mean_j L_CMER)."""
+    """Eq. 8 for K modality networks: L_C + lambda_KD * mean_j L_KD + lambda_E (L_ER + mean_j L_CMER).
 
-    def __init__(self, config: ObjectiveConfig | dict | None = None):
+    Args:
+        config: the switches and weights (`ObjectiveConfig` or train.yaml's `objective` mapping).
+        pooling: slice logits from the maps, "gap" (the paper) or "topk:<fraction>"
+            (`scripts.model.cams.pooling_spec`); must be the network's own.
+    """
+
+    def __init__(self, config: ObjectiveConfig | dict | None = None, pooling: str | None = None):
         self.config = config if isinstance(config, ObjectiveConfig) else ObjectiveConfig.from_dict(config)
+        # (kind, topk_fraction) of the slice logits: the network's own pooling (the trainer checks)
+        self.pooling = parse_pooling(pooling)
 
     @property
     def needs_transform(self) -> bool:
@@ -278,8 +286,8 @@ class CMERObjective:
         """`only` (indices of modalities) limits the losses computed, for a per-network backward."""
         cfg = self.config
         k_count = len(modalities)
-        logits_o = [m.mean(dim=(2, 3)) for m in maps_o]
-        logits_t = [m.mean(dim=(2, 3)) for m in maps_t] if maps_t is not None else [None] * k_count
+        logits_o = [logits_from_maps(m, *self.pooling) for m in maps_o]
+        logits_t = [logits_from_maps(m, *self.pooling) for m in maps_t] if maps_t is not None else [None] * k_count
         cross = k_count > 1 and (cfg.use_kd or cfg.use_cmer)
 
         cams_o = cams_t = pi_cams = pi_cams_l2 = valid = None

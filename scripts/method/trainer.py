@@ -26,6 +26,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
 from scripts.method.losses import CMERObjective, FullSupervisionObjective
+from scripts.model.cams import logits_from_maps
 from scripts.precision import autocast, resolve_precision, to_memory_format, uses_grad_scaler
 
 
@@ -98,7 +99,7 @@ class ModalityOptimizers:
             optimizer.load_state_dict(state[f"optimizer_{k}"])
 
 
-def build_objective(kind: str = "weak", config: dict | None = None):
+def build_objective(kind: str = "weak", config: dict | None = None, pooling: str | None = None):
     """The training objective.
 
     Args:
@@ -106,9 +107,11 @@ def build_objective(kind: str = "weak", config: dict | None = None):
             (`FullSupervisionObjective`).
         config: the kind's settings (train.yaml's `objective` or `full_supervision` section);
             None = defaults.
+        pooling: the weak objective's slice logits from the maps (`scripts.model.cams.pooling_spec`:
+            "gap" or "topk:<fraction>"; None = "gap"); must be the network's own.
     """
     if kind == "weak":
-        return CMERObjective(config)
+        return CMERObjective(config, pooling=pooling)
     if kind == "full_supervision":
         return FullSupervisionObjective(**(config or {}))
     raise ValueError(f"objective kind must be 'weak' or 'full_supervision', got {kind!r}")
@@ -222,6 +225,11 @@ class CMERTrainer(Trainer):
         self.modalities = list(network.modalities)
         self.optimizers = optimizers
         self.objective = objective
+        self.pooling = (getattr(network, "pool_kind", "gap"), float(getattr(network, "pool_fraction", 1.0)))
+        objective_pooling = getattr(objective, "pooling", None)
+        if objective_pooling is not None and tuple(objective_pooling) != self.pooling:
+            raise ValueError(f"the objective pools the maps as {objective_pooling} but the network as {self.pooling}: "
+                             f"build both from one `pooling` setting")
         self.transform_sampler = transform_sampler
         self.lambda_e = 1.0  # set each epoch by LambdaEScheduler when configured
         self.transform_kind: str | None = None  # the kind of the last batch's pi (None: no transform)
@@ -270,7 +278,7 @@ class CMERTrainer(Trainer):
             self._record_grad_shares(result)
         self._backward(result.total, scaler)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        return result, slice_logits(maps_o)
+        return result, slice_logits(maps_o, *self.pooling)
 
     def term_weights(self) -> dict:
         """The weight each term of Eq. 8 enters a network's loss with, this epoch."""
@@ -324,7 +332,7 @@ class CMERTrainer(Trainer):
             per_modality.update(result.per_modality)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        return type(result)(total=total, per_modality=per_modality), slice_logits(maps_o)
+        return type(result)(total=total, per_modality=per_modality), slice_logits(maps_o, *self.pooling)
 
     def _iteration(self, engine, batchdata: dict) -> dict | list[dict]:
         """One minibatch: draw pi, one forward per network over [x ; pi(x)], Eq. 8, K optimiser steps.
@@ -419,9 +427,9 @@ def finish_epoch_data(engine) -> None:
         raise RuntimeError("the training data loader gave more batches than its length")
 
 
-def slice_logits(maps: list[torch.Tensor]) -> torch.Tensor:
-    """(B, K, C) float32, detached: the spatial mean of each network's (B, C, H, W) maps (no graph kept)."""
-    return torch.stack([m.detach().mean(dim=(2, 3), dtype=torch.float32) for m in maps], dim=1)
+def slice_logits(maps: list[torch.Tensor], pooling: str = "gap", topk_fraction: float = 1.0) -> torch.Tensor:
+    """(B, K, C) float32, detached: each network's (B, C, H, W) maps pooled as in training (no graph kept)."""
+    return torch.stack([logits_from_maps(m.detach().float(), pooling, topk_fraction) for m in maps], dim=1)
 
 
 def _detached(value):

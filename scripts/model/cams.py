@@ -3,11 +3,13 @@
 A network here is anything with the `scripts.model.networks` contract: `forward(x (B,1,H,W)) ->
 maps (B,2,H,W)`, `features(x) -> (B,F,h,w)`, `classifier` (bias-free 1x1 conv) with
 `forward(x) == classifier(features(x))`; channel `TUMOUR_CHANNEL` is the tumour and the
-slice logits are the global average pool of the maps. `scripts.model.networks` is deliberately
+slice logits are the pooled maps (global average pool, or top-k when the network carries
+`cam_pooling = "topk"`: `pooling_of`). `scripts.model.networks` is deliberately
 not imported, so any module with that contract works (and tests use tiny stand-ins).
 
 The one implementation of the method's per-slice primitives: the max-normaliser, the slice
-tumour probability (softmax of the GAP logits), gating, fusion and binarisation, plus CAM /
+logits (`logits_from_maps`: GAP or top-k pooling), the tumour probability (their softmax),
+gating, fusion and binarisation, plus CAM /
 GradCAM++ / softmax maps of a batch of slices and fixed-view test-time augmentation.
 `scripts.model.networks` (the network's gated forward), `scripts.method.losses` (the CAMs of the loss
 terms) and `scripts.workflows.map_engine` (volumes: validation, evaluation and inference) call these.
@@ -64,14 +66,63 @@ def max_normalise(maps: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     return F.relu(p - low - eps) / (high - low + eps)
 
 
-def logits_from_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Slice-level logits (B, C): global average pool of the CAMs (B, C, H, W)."""
+POOLINGS = ("gap", "topk")
+
+
+def pooling_spec(pooling: str = "gap", topk_fraction: float = 0.05) -> str:
+    """One string for a pooling and its parameter ("gap", "topk:0.05"): how a model records it.
+
+    Args:
+        pooling: "gap" (global average pooling, the paper) or "topk" (mean of the largest pixels).
+        topk_fraction: fraction of a map's pixels that "topk" averages, in (0, 1].
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"cam_pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling == "gap":
+        return "gap"
+    fraction = float(topk_fraction)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
+    return f"topk:{fraction:g}"
+
+
+def parse_pooling(spec: str | None) -> tuple[str, float]:
+    """("gap", 1.0) or ("topk", fraction) from a `pooling_spec` string (None: the paper's GAP)."""
+    if spec is None or spec == "gap":
+        return "gap", 1.0
+    kind, _, value = str(spec).partition(":")
+    if kind != "topk" or not value:
+        raise ValueError(f"unknown CAM pooling {spec!r}: expected 'gap' or 'topk:<fraction>'")
+    return "topk", float(pooling_spec("topk", float(value))[5:])
+
+
+def logits_from_maps(maps: torch.Tensor, pooling: str = "gap", topk_fraction: float = 1.0) -> torch.Tensor:
+    """Slice-level logits (B, C) of the CAMs (B, C, H, W).
+
+    "gap": global average pool (the paper's single-step CAM). "topk": the mean of each map's
+    largest `topk_fraction` of pixels. Under GAP every pixel pulls on the logit equally, so on a
+    small phantom slice the network can score a tumour slice by a shift spread over the whole
+    map (even an inverted map, low on the tumour); top-k pooling only rewards the strongest
+    pixels, which must then be where the evidence is (docs/recipe.md, "CAM pooling").
+    """
+    if pooling == "topk":
+        flat = maps.flatten(-2)
+        k = max(1, int(round(topk_fraction * flat.shape[-1])))
+        return flat.topk(k, dim=-1).values.mean(dim=-1)
     return maps.mean(dim=(-2, -1))
 
 
-def tumour_probability(maps: torch.Tensor, tumour_channel: int = TUMOUR_CHANNEL) -> torch.Tensor:
-    """Softmax tumour probability (B,) of the GAP logits of (B, C, H, W) maps."""
-    return torch.softmax(logits_from_maps(maps), dim=1)[:, tumour_channel]
+def tumour_probability(maps: torch.Tensor, tumour_channel: int = TUMOUR_CHANNEL, pooling: str = "gap",
+                       topk_fraction: float = 1.0) -> torch.Tensor:
+    """Softmax tumour probability (B,) of the pooled logits of (B, C, H, W) maps."""
+    return torch.softmax(logits_from_maps(maps, pooling, topk_fraction), dim=1)[:, tumour_channel]
+
+
+def pooling_of(net: nn.Module) -> tuple[str, float]:
+    """The (pooling, topk_fraction) a CAM network scores slices with (set by `MultiModalCAM`;
+    a bare network without one uses the paper's GAP)."""
+    net = _unwrap(net)
+    return getattr(net, "cam_pooling", "gap"), float(getattr(net, "cam_topk_fraction", 1.0))
 
 
 def gate_maps(maps: torch.Tensor, probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -119,13 +170,13 @@ def _cam_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """One forward pass: normalised tumour CAM (B,H,W) and tumour probability (B,)."""
     maps = net(x).float()  # under autocast the net gives bf16 / fp16: normalise in float32
     cam = max_normalise(maps[:, TUMOUR_CHANNEL])
-    return cam, tumour_probability(maps)
+    return cam, tumour_probability(maps, TUMOUR_CHANNEL, *pooling_of(net))
 
 
 def _gradcampp_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """GradCAM++ of the tumour logit on the feature layer, for a whole batch at once.
 
-    The score (tumour logit = GAP of classifier(features)) depends on the features only
+    The score (tumour logit = pooled classifier(features)) depends on the features only
     through the classifier, so the backbone runs without a graph and autograd.grad is taken
     w.r.t. detached features: parameter .grad is never touched and nothing is retained.
     Summing the per-sample scores gives per-sample gradients because samples do not
@@ -140,7 +191,7 @@ def _gradcampp_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     feats = feats.detach().float().requires_grad_(True)
     with torch.enable_grad(), torch.autocast(device_type=feats.device.type, enabled=False):
         maps = net.classifier(feats)
-        scores = maps[:, TUMOUR_CHANNEL].mean(dim=(-2, -1))
+        scores = logits_from_maps(maps, *pooling_of(net))[:, TUMOUR_CHANNEL]
         (grad,) = torch.autograd.grad(scores.sum(), feats)
     feats = feats.detach()
     b, c = grad.shape[:2]
@@ -151,13 +202,13 @@ def _gradcampp_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     weights = (alpha * F.relu(grad)).reshape(b, c, -1).sum(-1).reshape(b, c, 1, 1)
     raw = F.relu((weights * feats).sum(1, keepdim=True))
     raw = _upsample_to(raw, x.shape[-2:])
-    return max_normalise(raw[:, 0]), tumour_probability(maps.detach())
+    return max_normalise(raw[:, 0]), tumour_probability(maps.detach(), TUMOUR_CHANNEL, *pooling_of(net))
 
 
 def _softmax_batch(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-wise softmax probability of tumour: the map of the full-supervision upper bound."""
     maps = net(x).float()
-    return torch.softmax(maps, dim=1)[:, TUMOUR_CHANNEL], tumour_probability(maps)
+    return torch.softmax(maps, dim=1)[:, TUMOUR_CHANNEL], tumour_probability(maps, TUMOUR_CHANNEL, *pooling_of(net))
 
 
 _BATCH_FNS: dict[str, Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
@@ -195,7 +246,7 @@ def gradcampp_maps(net: nn.Module, x: torch.Tensor, batch_size: int | None = 32)
 
 
 def slice_probabilities(net: nn.Module, x: torch.Tensor, batch_size: int | None = 32) -> torch.Tensor:
-    """Tumour softmax probability (B,) of the GAP logits."""
+    """Tumour softmax probability (B,) of the pooled logits."""
     return maps_and_probabilities(net, x, "cam", batch_size)[1]
 
 

@@ -2,8 +2,8 @@
 
 Both backbones end in the same "CAM head": a 3x3 conv + BN + ReLU giving the feature maps
 (`features`), then a bias-free 1x1 conv (`classifier`) whose output maps ARE the class
-activation maps at input resolution. Logits are the global average pool of the maps
-(single-step CAM), so `forward(x) == classifier(features(x))` and the tumour map is
+activation maps at input resolution. Logits are the pooled maps (single-step CAM: global
+average pool, or top-k with `MultiModalCAM`'s `pooling`), so `forward(x) == classifier(features(x))` and the tumour map is
 channel `TUMOUR_CHANNEL` of the output.
 """
 
@@ -22,7 +22,7 @@ from monai.networks.nets.resnet import ResNet
 
 from scripts.common import TUMOUR_CHANNEL
 # The one normaliser / slice probability / gate (re-exported here for the network's users).
-from scripts.model.cams import gate_maps, max_normalise, tumour_probability
+from scripts.model.cams import gate_maps, max_normalise, parse_pooling, tumour_probability
 from scripts.runtime import BundleError
 
 BACKBONES = ("unet", "deeplab")
@@ -226,6 +226,9 @@ class MultiModalCAM(torch.nn.Module):
         spatial_size: in-plane (H, W) the training slices were padded / cropped to (recorded only).
         normalization: intensity normalisation of the training volumes, "volume" or "none".
         slice_normalization: per-slice normalisation of the training slices, "none" or "zscore".
+        pooling: how each network's maps become slice logits (`scripts.model.cams.pooling_spec`):
+            "gap" (the paper) or "topk:<fraction>"; None = the value a loaded state dict records,
+            else "gap". The gate at inference uses the same pooling as training did.
         network_kwargs: further options of the backbone (DeepLabCAM).
     """
 
@@ -242,6 +245,7 @@ class MultiModalCAM(torch.nn.Module):
         spatial_size: Sequence[int] | None = None,
         normalization: str | None = None,
         slice_normalization: str | None = None,
+        pooling: str | None = None,
         **network_kwargs,
     ) -> None:
         super().__init__()
@@ -257,7 +261,8 @@ class MultiModalCAM(torch.nn.Module):
         self.gate_threshold = float(gate_threshold)
         self.settings = ModelSettings(modalities=self.modalities, backbone=backbone, base_channels=base_channels,
                                       spacing=spacing, spatial_size=spatial_size, normalization=normalization,
-                                      slice_normalization=slice_normalization)
+                                      slice_normalization=slice_normalization, pooling=pooling)
+        self._apply_pooling()
         # A state dict written before settings were recorded has no `_extra_state`: accept it.
         self._register_load_state_dict_pre_hook(_allow_missing_extra_state)
 
@@ -267,13 +272,22 @@ class MultiModalCAM(torch.nn.Module):
     def set_extra_state(self, state) -> None:
         recorded = ModelSettings.from_state(state)
         self.settings = self.settings.merged(recorded, source="the state dict being loaded")
+        self._apply_pooling()
+
+    def _apply_pooling(self) -> None:
+        """Give this model and each modality network the pooling of `settings` (plain attributes,
+        so TorchScript keeps them and `scripts.model.cams.pooling_of` reads them from a bare net)."""
+        self.pool_kind, self.pool_fraction = parse_pooling(self.settings.pooling)
+        for net in self.nets:
+            net.cam_pooling, net.cam_topk_fraction = self.pool_kind, self.pool_fraction
 
     def _tumour_map(self, maps: torch.Tensor) -> torch.Tensor:
         """(B, 2, H, W) raw maps -> (B, H, W) normalised, optionally gated tumour map."""
         maps = maps.float()  # the normaliser and softmax in float32, also under autocast
         cam = max_normalise(maps)[:, self.tumour_channel]
         if self.gate:
-            cam = gate_maps(cam, tumour_probability(maps, self.tumour_channel), self.gate_threshold)
+            probability = tumour_probability(maps, self.tumour_channel, self.pool_kind, self.pool_fraction)
+            cam = gate_maps(cam, probability, self.gate_threshold)
         return cam
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,6 +326,10 @@ def _canonical(name: str, value):
         return [int(v) for v in value]
     if name == "base_channels":
         return int(value)
+    if name == "pooling":
+        from scripts.model.cams import pooling_spec
+
+        return pooling_spec(*parse_pooling(value))
     return str(value)
 
 
@@ -329,6 +347,8 @@ class ModelSettings:
         spatial_size: in-plane (H, W) the training slices were padded / cropped to.
         normalization: "volume" (z-score over brain voxels) or "none".
         slice_normalization: "none" or "zscore" (the paper's per-slice z-score).
+        pooling: slice logits from the maps, "gap" or "topk:<fraction>" (None in a checkpoint
+            written before it was recorded: GAP, the only pooling then).
     """
 
     modalities: list | None = None
@@ -338,6 +358,7 @@ class ModelSettings:
     spatial_size: list | None = None
     normalization: str | None = None
     slice_normalization: str | None = None
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -360,7 +381,10 @@ class ModelSettings:
         """Settings from a state dict's `_extra_state` (tensor, dict or None = not recorded)."""
         if isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1 and state.numel():
             state = json.loads(bytes(state.tolist()).decode())
-        return cls.from_dict(state) if isinstance(state, dict) else cls()
+        if not isinstance(state, dict):
+            return cls()
+        # Settings recorded before the pooling was: those models were trained with GAP.
+        return cls.from_dict({"pooling": "gap", **state} if state else state)
 
     def merged(self, other: "ModelSettings", source: str, flag: str = "") -> "ModelSettings":
         """These settings completed by `other`'s; a value both know and that differs is an error."""
@@ -379,7 +403,7 @@ class ModelSettings:
 # verify_net_in_out, export of random weights); a checkpoint's own settings always win.
 DEFAULT_SETTINGS = ModelSettings(modalities=["t1", "t1c", "t2", "flair"], backbone="unet", base_channels=16,
                                  spacing=3.0, spatial_size=[80, 80], normalization="volume",
-                                 slice_normalization="none")
+                                 slice_normalization="none", pooling="gap")
 
 
 class UnreadableCheckpoint(BundleError):
