@@ -78,6 +78,14 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "topk01_ema": ("top-k pooling of the maps (1 % of the pixels) and validation / model.pt on an EMA of the weights "
                    "(decay 0.99); terms as committed",
                    ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--ema_decay", "0.99"]),
+    "cam_topk01": ("L_C only, top-k pooling (1 % of the pixels)",
+                   ["--objective#use_er", "false", "--objective#use_kd", "false", "--objective#use_cmer", "false",
+                    "--cam_pooling", "topk", "--topk_fraction", "0.01"]),
+    "cam_topk05": ("L_C only, top-k pooling (5 % of the pixels)",
+                   ["--objective#use_er", "false", "--objective#use_kd", "false", "--objective#use_cmer", "false",
+                    "--cam_pooling", "topk", "--topk_fraction", "0.05"]),
+    "topk01": ("top-k pooling of the maps (1 % of the pixels); terms as committed",
+               ["--cam_pooling", "topk", "--topk_fraction", "0.01"]),
 }
 _SHARE = re.compile(r"(\w+)/grad_share_(L_\w+): ([-+0-9.eE]+)")
 _EPOCH = re.compile(r"Epoch: (\d+)/\d+, Iter")
