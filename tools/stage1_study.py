@@ -86,6 +86,11 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
                     "--cam_pooling", "topk", "--topk_fraction", "0.05"]),
     "topk01": ("top-k pooling of the maps (1 % of the pixels); terms as committed",
                ["--cam_pooling", "topk", "--topk_fraction", "0.01"]),
+    "topk01_balanced": ("top-k pooling (1 %) + each equivariance term at its maps' scale (reduction balanced)",
+                        ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--objective#reduction", "balanced"]),
+    "topk01_balanced_trust": ("top-k pooling (1 %) + reduction balanced + only more accurate partners teach",
+                              ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--objective#reduction", "balanced",
+                               "--objective#partner_trust", "more_accurate"]),
 }
 _SHARE = re.compile(r"(\w+)/grad_share_(L_\w+): ([-+0-9.eE]+)")
 _EPOCH = re.compile(r"Epoch: (\d+)/\d+, Iter")
