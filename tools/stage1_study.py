@@ -55,8 +55,11 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "balanced_cosine": ("reduction balanced + one warm-up epoch and cosine decay of lr 1e-3",
                         ["--objective#reduction", "balanced", "--lr_schedule#warmup_epochs", "1",
                          "--lr_schedule#decay", "cosine"]),
-    "cam": ("L_C only (the paper's CAM baseline)", ["--objective#use_er", "false", "--objective#use_kd", "false",
-                                                    "--objective#use_cmer", "false"]),
+    "gap": ("the paper's global average pooling of the maps (the default until top-k pooling)",
+            ["--cam_pooling", "gap"]),
+    "cam": ("L_C only with global average pooling (the paper's CAM baseline)",
+            ["--objective#use_er", "false", "--objective#use_kd", "false", "--objective#use_cmer", "false",
+             "--cam_pooling", "gap"]),
     "cam_lr1e-4": ("L_C only, constant lr 1e-4", ["--objective#use_er", "false", "--objective#use_kd", "false",
                                                   "--objective#use_cmer", "false", "--lr", "1e-4"]),
     "cam_lr1e-4_long": ("L_C only, constant lr 1e-4, every training slice each epoch (a cap of 3840 is above the "
