@@ -60,13 +60,19 @@ def test_metadata_versions_are_the_installed_ones():
 
 
 def test_metadata_describes_the_network_of_the_configs():
-    from scripts.model.networks import DEFAULT_SETTINGS
+    from scripts.model.networks import DEFAULT_SETTINGS, ModelSettings
 
     # inference.yaml reads the network from the checkpoint (null here); its architecture defaults
     # for tools without a checkpoint are training's
     assert ConfigParser.load_config_file(str(ROOT / "configs" / "inference.yaml"))["modalities"] is None
     modalities = ConfigParser.load_config_file(str(ROOT / "configs" / "train.yaml"))["modalities"]
     assert modalities == DEFAULT_SETTINGS.modalities
+    # every default a checkpoint-less tool uses is training's default (a drift here made the
+    # archive's train workflow build a top-k net around gap-recorded weights)
+    train = ConfigParser()
+    train.read_config(str(ROOT / "configs" / "train.yaml"))
+    for name, default in DEFAULT_SETTINGS.as_dict().items():
+        assert ModelSettings.from_dict({name: train.get_parsed_content(name)}).as_dict()[name] == default, name
     names = {"t1": "T1", "t1c": "T1c", "t2": "T2", "flair": "FLAIR"}
     image = META["network_data_format"]["inputs"]["image"]
     pred = META["network_data_format"]["outputs"]["pred"]

@@ -403,7 +403,7 @@ class ModelSettings:
 # verify_net_in_out, export of random weights); a checkpoint's own settings always win.
 DEFAULT_SETTINGS = ModelSettings(modalities=["t1", "t1c", "t2", "flair"], backbone="unet", base_channels=16,
                                  spacing=3.0, spatial_size=[80, 80], normalization="volume",
-                                 slice_normalization="none", pooling="gap")
+                                 slice_normalization="none", pooling="topk:0.01")
 
 
 class UnreadableCheckpoint(BundleError):
