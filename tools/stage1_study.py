@@ -17,6 +17,11 @@ a later session from the committed records; a run that fails or is cut off leave
 fused validation DSC at the best fused epoch (mean +- std over seeds), slice accuracy, the
 spread of the fused DSC over the last three epochs, the gradient shares at lambda_E = 1, and
 the wall time. Comparing precisions side by side is the precision-parity check of the recipe.
+
+`--jobs N` runs N trainings at once (each with `--threads` CPU threads): for a machine with
+an accelerator and many cores, where one small training leaves the GPU mostly idle. On a CUDA
+machine the runs train on the GPU; records name the device, and fp32 there is plain fp32
+(TF32 off). Keep such records under their own --out: the table does not mix devices.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from scripts.common import MODALITIES, atomic_write_json, atomic_write_text
@@ -94,6 +100,11 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "topk01_balanced_trust": ("top-k pooling (1 %) + reduction balanced + only more accurate partners teach",
                               ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--objective#reduction", "balanced",
                                "--objective#partner_trust", "more_accurate"]),
+    "topk01_balanced_trust_mean": ("topk01_balanced_trust + mean fusion of the four maps (validation, model selection)",
+                                   ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--objective#reduction",
+                                    "balanced", "--objective#partner_trust", "more_accurate", "--fusion", "mean"]),
+    "topk01_mean": ("top-k pooling (1 %) + mean fusion (validation, model selection)",
+                    ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--fusion", "mean"]),
 }
 _SHARE = re.compile(r"(\w+)/grad_share_(L_\w+): ([-+0-9.eE]+)")
 _EPOCH = re.compile(r"Epoch: (\d+)/\d+, Iter")
@@ -120,17 +131,19 @@ def machine() -> dict:
                                     capture_output=True, text=True, check=False).stdout.strip())
     except OSError:
         commit, dirty = "", False
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "monai": monai.__version__,
+    # the training device is train.yaml's: the first CUDA GPU when there is one
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__, "monai": monai.__version__,
             "commit": commit + ("+uncommitted" if dirty else ""), "python": platform.python_version()}
 
 
 def resolved_precision(precision: str) -> str:
-    """What `precision` means on this machine's CPU (auto -> bf16 or fp32)."""
+    """What `precision` means on the training device (CPU: auto -> bf16 or fp32; CUDA: fp16)."""
     import torch
 
     from scripts.precision import resolve_precision
 
-    return resolve_precision(precision, torch.device("cpu"))
+    return resolve_precision(precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def grad_shares(log: str) -> list[dict]:
@@ -175,8 +188,12 @@ def run_one(name: str, overrides: list[str], seed: int, precision: str, args) ->
     print(f"[{name} / {precision} / seed {seed}] {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
     log_path = work / "train.log"
+    env = {**os.environ, "NVIDIA_TF32_OVERRIDE": "0"}  # fp32 on a GPU means fp32, not TF32 convolutions
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     with open(log_path, "w") as log:
-        rc = subprocess.run(command, cwd=BUNDLE_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        rc = subprocess.run(command, cwd=BUNDLE_ROOT, stdout=log, stderr=subprocess.STDOUT, check=False,
+                            env=env).returncode
     wall = time.perf_counter() - start
     text = log_path.read_text(errors="replace")
     history_file = work / "train" / "validation_history.json"
@@ -265,6 +282,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=str(BUNDLE_ROOT / "runs" / "stage1_study"), help="weights and logs")
     parser.add_argument("--dataset_dir", default=str(BUNDLE_ROOT / "data" / "phantom"))
     parser.add_argument("--cache_dir", default=str(BUNDLE_ROOT / "data" / "cache"))
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once (a GPU machine; 1 on a small CPU)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per training (0: torch's default)")
     parser.add_argument("--report", action="store_true", help="only print the table of the records")
     parser.add_argument("--write", help="also write the table here (markdown)")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more overrides for every run")
@@ -276,6 +295,7 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown candidate(s) {unknown}; known: {list(CANDIDATES)}")
         suffix = "_" + "-".join(args.modalities) if args.modalities else ""
+        planned = []
         for name in args.candidates:
             for precision in args.precision:
                 for seed in args.seeds:
@@ -284,11 +304,19 @@ def main(argv=None) -> int:
                     if target.is_file():
                         print(f"[{name} / {precision} / seed {seed}] recorded: {target}", flush=True)
                         continue
-                    record = run_one(name, CANDIDATES[name][1], seed, precision, args)
-                    if record is not None:
-                        record["candidate"] = name + suffix
-                    if record is not None:
-                        atomic_write_json(target, record)
+                    planned.append((name, precision, seed, target))
+        if planned:
+            (Path(args.work) / "splits").mkdir(parents=True, exist_ok=True)
+
+        def run_and_record(plan) -> None:
+            name, precision, seed, target = plan
+            record = run_one(name, CANDIDATES[name][1], seed, precision, args)
+            if record is not None:
+                record["candidate"] = name + suffix
+                atomic_write_json(target, record)
+
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(run_and_record, planned))
     table = report(load_records(out))
     print(table)
     if args.write:
