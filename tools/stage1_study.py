@@ -103,6 +103,10 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "topk01_balanced_trust_mean": ("topk01_balanced_trust + mean fusion of the four maps (validation, model selection)",
                                    ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--objective#reduction",
                                     "balanced", "--objective#partner_trust", "more_accurate", "--fusion", "mean"]),
+    "topk01_balanced_trust_mean_cosine": ("topk01_balanced_trust_mean + 1 warm-up epoch and cosine decay of lr to 0",
+                                          ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--objective#reduction",
+                                           "balanced", "--objective#partner_trust", "more_accurate", "--fusion", "mean",
+                                           "--lr_schedule#warmup_epochs", "1", "--lr_schedule#decay", "cosine"]),
     "topk01_mean": ("top-k pooling (1 %) + mean fusion (validation, model selection)",
                     ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--fusion", "mean"]),
 }
