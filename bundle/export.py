@@ -1,7 +1,7 @@
 """TorchScript export: a self-contained models/model.ts that bundle consumers run unchanged.
 
 `export_torchscript` builds `network_def` of inference.yaml (scripts.model.whole_tumour.WholeTumourCAM:
-per-modality CAMs, gating and max fusion in one module) with the weights of models/model.pt (a
+per-modality CAMs, gating and fusion (inference.yaml `fusion`) in one module) with the weights of models/model.pt (a
 bare state dict), scripts it with MONAI's `convert_to_torchscript` and writes it with MONAI's
 `save_net_with_metadata`, the two steps of `monai.bundle ckpt_export`. Embedded as extra files:
 metadata.json (configs/metadata.json, inputs named after the model's modalities) and
