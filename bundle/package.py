@@ -84,7 +84,7 @@ def json_config(yaml_file: Path) -> str:
 
 
 def build_archive(root: str | Path = ROOT, out_dir: str | Path | None = None, model: str | Path | None = None,
-                  name: str = BUNDLE_NAME) -> Path:
+                  name: str = BUNDLE_NAME, **override) -> Path:
     """Write `<out_dir>/<name>_v<version>.zip` (default out_dir: <root>/dist) and return its path."""
     root = Path(root).resolve()
     meta = json.loads((root / META_FILE).read_text())
@@ -106,7 +106,7 @@ def build_archive(root: str | Path = ROOT, out_dir: str | Path | None = None, mo
     try:
         with tempfile.TemporaryDirectory() as tmp:
             # model.ts from the shipped weights, so the archive never pairs weights with an older export
-            files["models/model.ts"] = export.export_torchscript(root, model, Path(tmp) / "model.ts")
+            files["models/model.ts"] = export.export_torchscript(root, model, Path(tmp) / "model.ts", **override)
             with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
                 for relative in sorted({*files, *generated}):
                     arcname = f"{name}/{relative}"

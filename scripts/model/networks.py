@@ -430,7 +430,11 @@ def checkpoint_settings(path) -> ModelSettings:
     state = read_checkpoint(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    return ModelSettings.from_state(state.get("_extra_state") if isinstance(state, dict) else None)
+    settings = ModelSettings.from_state(state.get("_extra_state") if isinstance(state, dict) else None)
+    if settings.modalities is not None and settings.pooling is None:
+        # a network built without a pooling ran with GAP (cams.parse_pooling), whatever today's default
+        settings = ModelSettings.from_dict({**settings.as_dict(), "pooling": "gap"})
+    return settings
 
 
 def model_settings(ckpt_path=None, **given) -> dict:

@@ -37,7 +37,7 @@ class WholeTumourCAM(MultiModalCAM):
             gate_threshold and the recorded data settings).
     """
 
-    def __init__(self, modalities, fusion: str = "max", **kwargs) -> None:
+    def __init__(self, modalities, fusion: str = "mean", **kwargs) -> None:
         super().__init__(modalities, **kwargs)
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")

@@ -95,7 +95,7 @@ class PseudoMaskCache:
     """
 
     def __init__(self, cache_dir, ckpt_path, volume_cache: VolumeCache, device="cpu", method: str = "cam",
-                 gate: bool = True, gate_threshold: float = 0.5, fusion: str = "max", threshold: float = 0.5,
+                 gate: bool = True, gate_threshold: float = 0.5, fusion: str = "mean", threshold: float = 0.5,
                  slice_batch_size: int = 32, precision: str | None = None,
                  map_modalities: Sequence[str] | str | None = None, selection_records: Sequence[dict] = (),
                  min_slice_accuracy: float = 0.9):

@@ -247,7 +247,7 @@ class CAMMapEvaluator(Evaluator):
     """
 
     def __init__(self, device, val_data_loader, network, inferer: Inferer | None = None, method: str = "cam",
-                 gate: bool = True, gate_threshold: float = 0.5, tta: str | None = None, fusion: str = "max",
+                 gate: bool = True, gate_threshold: float = 0.5, tta: str | None = None, fusion: str = "mean",
                  threshold: float = 0.5, slice_batch_size: int = 32, postprocessing=None, val_handlers=None,
                  epoch_length: int | None = None, precision: str | None = None, channels_last: bool = False,
                  slice_normalization: str | None = None):

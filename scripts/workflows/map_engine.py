@@ -107,7 +107,7 @@ class MapEngine:
         inferer: the slice inferer; default MONAI's SliceInferer over whole slices.
     """
 
-    def __init__(self, method: str = "cam", gate: bool = True, gate_threshold: float = 0.5, fusion: str = "max",
+    def __init__(self, method: str = "cam", gate: bool = True, gate_threshold: float = 0.5, fusion: str = "mean",
                  threshold: float = 0.5, tta: str | None = None, slice_batch_size: int = 32,
                  precision: str | None = None, slice_normalization: str | None = "none",
                  inferer: Inferer | None = None):

@@ -109,7 +109,7 @@ def test_outputs_keep_the_input_geometry_and_the_mask_lands_on_the_painted_voxel
     write_subject(data, "Case01", modalities=("t1", "flair"), affine=affine, dtype=np.int16)
     out = tmp_path / "out"
     run_inference(dataset_dir=str(data), output_dir=str(out), ckpt_path=str(tmp_path / "unused.pt"),
-                  network=CopyCAM(), handlers=["@progress"], gate=False,
+                  network=CopyCAM(), handlers=["@progress"], gate=False, fusion="max",  # the painted voxels: one map
                   inference=["$scripts.workflows.inference.run_engine(@evaluator)"])
     folder = out / "Case01"
     assert outputs(folder) == ["Case01_cam_flair.nii.gz", "Case01_cam_fused.nii.gz", "Case01_cam_t1.nii.gz",
