@@ -40,3 +40,10 @@ def test_stage2_pseudo_masks_and_evaluation_read_trainings_fusion():
             parser["fusion"] = fusion
             key = "pseudo_fusion" if "stage2" in extra else "fusion"
             assert parser.get_parsed_content(key) == fusion, (extra, fusion)
+
+
+def test_python_defaults_of_the_read_out_are_trainings():
+    from scripts.model.cams import DEFAULT_FUSION
+
+    assert DEFAULT_FUSION == _parsed("configs/train.yaml")["fusion"]
+    assert DEFAULT_FUSION == _parsed("configs/inference.yaml")["fusion"]

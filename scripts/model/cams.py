@@ -35,6 +35,8 @@ from scripts.common import TUMOUR_CHANNEL
 METHODS = ("cam", "gradcampp", "softmax")  # softmax: a fully supervised network's mask
 TTA_CHOICES = (None, "flips", "flips_rot90")
 FUSIONS = ("max", "mean")
+# configs/train.yaml `fusion` (max = the paper's); the Python defaults of every read-out follow it
+DEFAULT_FUSION = "mean"
 EPS = 1e-8  # the authors' normaliser constant
 
 # ---------------------------------------------------------------------------------------

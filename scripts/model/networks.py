@@ -432,7 +432,8 @@ def checkpoint_settings(path) -> ModelSettings:
         state = state["model"]
     settings = ModelSettings.from_state(state.get("_extra_state") if isinstance(state, dict) else None)
     if settings.modalities is not None and settings.pooling is None:
-        # a network built without a pooling ran with GAP (cams.parse_pooling), whatever today's default
+        # recorded settings (modalities are always recorded) without a pooling: the network was built
+        # without one and ran with GAP (cams.parse_pooling), whatever DEFAULT_SETTINGS says today
         settings = ModelSettings.from_dict({**settings.as_dict(), "pooling": "gap"})
     return settings
 

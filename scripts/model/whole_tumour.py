@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from scripts.model.cams import FUSIONS
+from scripts.model.cams import DEFAULT_FUSION, FUSIONS
 from scripts.model.networks import MultiModalCAM
 
 
@@ -37,7 +37,7 @@ class WholeTumourCAM(MultiModalCAM):
             gate_threshold and the recorded data settings).
     """
 
-    def __init__(self, modalities, fusion: str = "mean", **kwargs) -> None:
+    def __init__(self, modalities, fusion: str = DEFAULT_FUSION, **kwargs) -> None:
         super().__init__(modalities, **kwargs)
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")

@@ -29,7 +29,7 @@ import torch
 
 from scripts.common import MODALITIES, atomic_path, canonical_modalities
 from scripts.data.volumes import VolumeCache, _file_signature
-from scripts.model.cams import fuse_maps
+from scripts.model.cams import DEFAULT_FUSION, fuse_maps
 from scripts.workflows.map_engine import MapEngine
 from scripts.model.networks import MultiModalCAM, model_settings
 from scripts.runtime import BundleError, MissingCheckpoint, as_flag
@@ -95,7 +95,7 @@ class PseudoMaskCache:
     """
 
     def __init__(self, cache_dir, ckpt_path, volume_cache: VolumeCache, device="cpu", method: str = "cam",
-                 gate: bool = True, gate_threshold: float = 0.5, fusion: str = "mean", threshold: float = 0.5,
+                 gate: bool = True, gate_threshold: float = 0.5, fusion: str = DEFAULT_FUSION, threshold: float = 0.5,
                  slice_batch_size: int = 32, precision: str | None = None,
                  map_modalities: Sequence[str] | str | None = None, selection_records: Sequence[dict] = (),
                  min_slice_accuracy: float = 0.9):

@@ -50,6 +50,7 @@ from scripts.runtime import BundleError, MissingCheckpoint
 from scripts.data.sanity import mask_warning, volume_warnings
 from scripts.workflows.map_engine import MapEngine
 from scripts.precision import resolve_precision, to_memory_format
+from scripts.model.cams import DEFAULT_FUSION
 
 FUSED = "fused"
 TRAIN_HINT = "python -m monai.bundle run training --config_file configs/train.yaml"
@@ -247,7 +248,7 @@ class CAMMapEvaluator(Evaluator):
     """
 
     def __init__(self, device, val_data_loader, network, inferer: Inferer | None = None, method: str = "cam",
-                 gate: bool = True, gate_threshold: float = 0.5, tta: str | None = None, fusion: str = "mean",
+                 gate: bool = True, gate_threshold: float = 0.5, tta: str | None = None, fusion: str = DEFAULT_FUSION,
                  threshold: float = 0.5, slice_batch_size: int = 32, postprocessing=None, val_handlers=None,
                  epoch_length: int | None = None, precision: str | None = None, channels_last: bool = False,
                  slice_normalization: str | None = None):

@@ -28,7 +28,7 @@ from monai.inferers import Inferer, SliceInferer
 
 from scripts.common import MODALITIES
 from scripts.data.slices import slice_zscore
-from scripts.model.cams import FUSIONS, METHODS, TTA_CHOICES, _device_of, augmented_maps, binarise, fuse_maps, gate_maps
+from scripts.model.cams import DEFAULT_FUSION, FUSIONS, METHODS, TTA_CHOICES, _device_of, augmented_maps, binarise, fuse_maps, gate_maps
 from scripts.precision import autocast, resolve_precision
 from scripts.runtime import as_flag
 
@@ -107,7 +107,7 @@ class MapEngine:
         inferer: the slice inferer; default MONAI's SliceInferer over whole slices.
     """
 
-    def __init__(self, method: str = "cam", gate: bool = True, gate_threshold: float = 0.5, fusion: str = "mean",
+    def __init__(self, method: str = "cam", gate: bool = True, gate_threshold: float = 0.5, fusion: str = DEFAULT_FUSION,
                  threshold: float = 0.5, tta: str | None = None, slice_batch_size: int = 32,
                  precision: str | None = None, slice_normalization: str | None = "none",
                  inferer: Inferer | None = None):

@@ -14,7 +14,7 @@ from monai.engines import Evaluator
 from monai.metrics import compute_dice
 from monai.utils import CommonKeys as Keys
 
-from scripts.model.cams import binarise
+from scripts.model.cams import DEFAULT_FUSION, binarise
 from scripts.precision import resolve_precision, to_memory_format
 from scripts.runtime import as_flag
 from scripts.workflows.map_engine import MapEngine
@@ -56,7 +56,7 @@ class CAMValidator(Evaluator):
     def __init__(self, device, val_data_loader, network, slice_batch_size: int = 32, threshold: float = 0.5,
                  gate: bool = True, map_kind: str = "cam", val_handlers=None, amp: bool = False,
                  precision: str | None = None, channels_last: bool = False, gate_threshold: float = 0.5,
-                 fusion: str = "mean", slice_normalization: str | None = "none"):
+                 fusion: str = DEFAULT_FUSION, slice_normalization: str | None = "none"):
         if map_kind not in ("cam", "softmax"):
             raise ValueError(f"map_kind must be 'cam' or 'softmax', got {map_kind!r}")
         modalities = list(network.modalities)
