@@ -1,4 +1,4 @@
-"""Figures of `tools.experiments`: Fig. 4 (DSC versus threshold) and Fig. 5 (overlays) analogues."""
+"""Figures of `tools.experiments`: Fig. 3 (transforms), Fig. 4 (DSC versus threshold) and Fig. 5 (overlays) analogues."""
 
 from __future__ import annotations
 
@@ -11,23 +11,24 @@ from scripts.common import MODALITIES
 
 MAP_NAMES = ("t1", "t2", "t1c", "flair", "fused")
 OVERLAYS = "overlays.png"
+TRANSFORMS = "transforms.png"
 
 
 def figure_names(out_dir: Path) -> list[str]:
     """The figure files present in `out_dir`, sweeps in the paper's map order, then the overlays."""
-    names = [f"sweep_{n}.png" for n in MAP_NAMES] + [OVERLAYS]
+    names = [f"sweep_{n}.png" for n in MAP_NAMES] + [TRANSFORMS, OVERLAYS]
     return [n for n in names if (out_dir / n).is_file()]
 
 
 def mean_curves(data: dict, name: str) -> dict:
     """{run: (thresholds, DSC)} of map `name` from results.json: each seed's mean curve, averaged over seeds.
 
-    Pair evaluations ('cam@t1_t2') are left out.
+    Pair evaluations ('cam@t1_t2') and other read-outs ('cam.gradcampp') are left out.
     """
     out = {}
     for run, by_seed in data["runs"].items():
         curves = [record["sweep"][name] for record in by_seed.values() if name in record.get("sweep", {})]
-        if "@" not in run and curves:
+        if "@" not in run and "." not in run and curves:
             out[run] = (np.asarray(curves[0]["thresholds"], dtype=float),
                         np.mean([np.asarray(c["dsc_mean"], dtype=float) for c in curves], axis=0))
     return out
@@ -46,39 +47,97 @@ def sweep_figures(data: dict, out_dir: Path) -> list[Path]:
     return written
 
 
-def overlay_figure(models: dict, config_files: list[str], overrides: dict, out_png: Path):
-    """Fig. 5: binarised maps of every K = 4 method on one test subject's largest tumour slice.
-
-    `config_files` and `overrides` are those of the runs (one seed): they name the datalist,
-    the volume cache and the network settings.
-    """
+def _overlay_parser(config_files: list[str], overrides: dict):
     from monai.bundle import ConfigParser
-
-    from scripts.data.subjects import load_datalist
-    from scripts.model.networks import MultiModalCAM
-    from scripts.workflows.figures import plot_overlays
-    from scripts.workflows.map_engine import volume_maps
 
     parser = ConfigParser()
     parser.read_config(config_files)
     parser.update(overrides)
-    record = load_datalist(parser.get_parsed_content("datalist"), "testing")[0]
+    return parser
+
+
+def _test_volume(parser, subject: str | None = None):
+    """(subject, image (K,H,W,D), truth (H,W,D) bool) of a test volume (the first of the split by default)."""
+    from scripts.data.subjects import load_datalist
+
+    records = load_datalist(parser.get_parsed_content("datalist"), "testing")
+    record = next((r for r in records if r["subject"] == subject), records[0]) if subject else records[0]
     volume = parser.get_parsed_content("volume_cache").get(record)
-    image = torch.as_tensor(volume["image"])
-    truth = torch.as_tensor(volume["mask"])[0] > 0
-    brain = torch.as_tensor(volume["brain"]).bool()
+    return record["subject"], torch.as_tensor(volume["image"]), torch.as_tensor(volume["mask"])[0] > 0
+
+
+def overlay_masks(ckpt, run_name: str, config_files: list[str], overrides: dict) -> dict:
+    """Fig. 5 data of one run: its binarised maps (each modality and the fused map, at the configs'
+    threshold and fusion) on the first test subject's largest tumour slice, packed for a record.
+
+    `config_files` and `overrides` are the run's own (they name the datalist, cache and read-out).
+    """
+    from scripts.model.cams import binarise, fuse_maps
+    from scripts.model.networks import MultiModalCAM
+    from scripts.workflows.map_engine import volume_maps
+    from tools.experiment_records import pack_mask
+
+    parser = _overlay_parser(config_files, overrides)
+    subject, image, truth = _test_volume(parser)
     z = int(truth.flatten(0, 1).sum(0).argmax())
-    base_channels = parser.get_parsed_content("base_channels")
-    backbone = parser.get_parsed_content("backbone")
-    rows = {}
-    for run_name, ckpt in models.items():
-        net = MultiModalCAM(list(MODALITIES), backbone=backbone, base_channels=base_channels)
-        net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-        method = "softmax" if run_name == "full_supervision" else "cam"
-        maps = volume_maps(net, image[..., z:z + 1], method=method, gate=method == "cam") if brain[z] else {}
-        masks = {m: (maps[m][..., 0] > 0.5).numpy() for m in maps}
-        if masks:
-            masks["fused"] = torch.stack([torch.as_tensor(v) for v in masks.values()]).any(0).numpy()
-        rows[run_name] = masks
+    modalities = list(parser.get_parsed_content("modalities"))
+    net = MultiModalCAM(modalities, backbone=parser.get_parsed_content("backbone"),
+                        base_channels=parser.get_parsed_content("base_channels"))
+    net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    method = "softmax" if run_name == "full_supervision" else "cam"
+    channels = [MODALITIES.index(m) for m in modalities]
+    maps = volume_maps(net, image[channels][..., z:z + 1], method=method, gate=method == "cam")
+    maps = {m: maps[m][..., 0] for m in modalities}
+    threshold = float(parser.get_parsed_content("threshold"))
+    masks = {m: binarise(v, threshold).numpy() for m, v in maps.items()}
+    if method == "cam":  # the read-out's fused map; a segmentation network's softmax has none
+        stacked = torch.stack([maps[m] for m in modalities])[None]
+        masks["fused"] = binarise(fuse_maps(stacked, parser.get_parsed_content("fusion"))[0], threshold).numpy()
+    return {"subject": subject, "slice": z, "shape": list(truth.shape[:2]),
+            "masks": {name: pack_mask(mask) for name, mask in masks.items()}}
+
+
+def overlay_figure(overlays: dict, config_files: list[str], overrides: dict, out_png: Path):
+    """Fig. 5 from records: {run: overlay_masks(...)} drawn over that test slice's images and truth.
+
+    `config_files` and `overrides` are those of the runs' first seed (datalist and volume cache).
+    """
+    from scripts.workflows.figures import plot_overlays
+    from tools.experiment_records import unpack_mask
+
+    first = next(iter(overlays.values()))
+    subject, z = first["subject"], int(first["slice"])
+    _, image, truth = _test_volume(_overlay_parser(config_files, overrides), subject)
+    rows = {run: {name: unpack_mask(text, o["shape"]) for name, text in o["masks"].items()}
+            for run, o in overlays.items() if o["subject"] == subject and int(o["slice"]) == z}
     images = {m: image[k, :, :, z].numpy() for k, m in enumerate(MODALITIES)}
-    return plot_overlays(images, rows, truth[:, :, z].numpy(), out_png, title=f"{record['subject']}, slice {z}")
+    return plot_overlays(images, rows, truth[:, :, z].numpy(), out_png, title=f"{subject}, slice {z}")
+
+
+def transform_figure(data: dict, out_dir: Path, runs: dict) -> Path | None:
+    """Fig. 3: per modality (and fused), test DSC of the baseline, CMER with one transform kind, and CMER
+    with all of them (first seed). `runs` is {label: run name} in bar order; None when none ran."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from tools.experiment_report import cell
+
+    first = data["seeds"][:1]
+    present = {label: run for label, run in runs.items() if run in data["runs"]}
+    if not present:
+        return None
+    fig = Figure(figsize=(8.0, 3.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(present)
+    for i, (label, run) in enumerate(present.items()):
+        values = [100 * (cell(data, run, name, "dsc", first)["mean"] or 0.0) for name in MAP_NAMES]
+        ax.bar(np.arange(len(MAP_NAMES)) + (i - (len(present) - 1) / 2) * width, values, width, label=label)
+    ax.set_xticks(np.arange(len(MAP_NAMES)), [n.upper() if n != "fused" else "fused" for n in MAP_NAMES])
+    ax.set_ylabel("test DSC (%)")
+    ax.set_title("Transforms in the equivariance terms (first seed)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    target = Path(out_dir) / TRANSFORMS
+    fig.savefig(target)
+    return target

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -24,21 +23,46 @@ from tools import experiment_stats as st
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("cam", "seam_scale", "seam_all")
 ABLATIONS = ("kd_only", "kd_er", "er_cmer", "cmer")  # Table III, in its row order
-MAIN_ROWS = BASELINES + ("cmer", "stage2", "full_supervision")  # Table II, every seed
+MAIN_ROWS = BASELINES + ("cmer", "stage2", "stage2_all", "full_supervision")  # Table II, every seed
 MAP_ORDER = ("t1", "t2", "t1c", "flair", "fused")  # the paper's column order
 DEEPLAB_RUN = "cmer_deeplab"
 SWITCH_PREFIX = "cmer+"
 METRIC_RANGE = {"dsc": (0.0, 1.0), "assd": (0.0, math.inf)}  # intervals are clipped to these
 ROW_KEYS = ("subject", "map", "dsc", "assd", "tp", "fp", "fn", "empty_case")
-# The paper's claims tested per volume: (better run, worse run, map, label).
-CLAIMS = (
-    ("cmer", "seam_all", "fused", "CMER > SEAM (all)"),
-    ("cmer", "cam", "fused", "CMER > CAM"),
-    ("cmer", "seam_scale", "fused", "CMER > SEAM (scale)"),
-    ("kd_er", "kd_only", "fused", "Table III: KD + ER > KD"),
-    ("er_cmer", "kd_er", "fused", "Table III: ER + CMER > KD + ER"),
-    ("cmer", "er_cmer", "fused", "Table III: KD + ER + CMER > ER + CMER"),
-)
+TRANSFORM_KINDS = ("flip", "rotation", "scale", "translation")  # Fig. 3: CMER with one kind at a time
+PAIR_KEYS = ("t1_t2", "t1c_flair", "t1_flair", "t1c_t2")  # Table I's pairs, as in run names
+
+
+def _claims() -> tuple:
+    """The paper's claims tested per volume: (better run, its map, worse run, its map, label)."""
+    claims = [("cmer", "fused", "seam_all", "fused", "CMER > SEAM (all)"),
+              ("seam_all", "fused", "cam", "fused", "SEAM (all) > CAM"),
+              ("cmer", "fused", "cam", "fused", "CMER > CAM"),
+              ("cmer", "fused", "seam_scale", "fused", "CMER > SEAM (scale)")]
+    for m in MODALITIES:
+        claims += [("cmer", m, "seam_all", m, f"CMER > SEAM (all), {m}"), ("seam_all", m, "cam", m,
+                                                                             f"SEAM (all) > CAM, {m}")]
+    claims += [("cmer.gradcampp", "fused", "seam_all.gradcampp", "fused", "GradCAM++: CMER > SEAM (all)"),
+               ("seam_all.gradcampp", "fused", "cam.gradcampp", "fused", "GradCAM++: SEAM (all) > CAM"),
+               ("kd_er", "fused", "kd_only", "fused", "Table III: KD + ER > KD"),
+               ("er_cmer", "fused", "kd_er", "fused", "Table III: ER + CMER > KD + ER"),
+               ("cmer", "fused", "er_cmer", "fused", "Table III: KD + ER + CMER > ER + CMER"),
+               ("cmer", "fused", "kd_er", "fused", "Table III: KD + ER + CMER > KD + ER")]
+    for key in PAIR_KEYS:
+        a, b = key.split("_")
+        claims += [(f"cmer_{key}", "fused", f"cmer_{key}", a, f"pair {a}-{b}: fused > {a}"),
+                   (f"cmer_{key}", "fused", f"cmer_{key}", b, f"pair {a}-{b}: fused > {b}"),
+                   (f"cmer_{key}", "fused", f"seam_all@{key}", "fused", f"pair {a}-{b}: CMER > SEAM (all)")]
+    claims += [("full_supervision", m, "cmer", m, f"full supervision > CMER, {m}") for m in MODALITIES]
+    return tuple(claims)
+
+
+CLAIMS = _claims()
+
+
+def transform_runs() -> dict:
+    """Fig. 3's bars, {label: run}: no transform (CAM), CMER with each kind alone, CMER with all of them."""
+    return {"CAM (none)": "cam", **{kind: f"cmer_{kind}" for kind in TRANSFORM_KINDS}, "all (CMER)": "cmer"}
 
 
 def jsonable(value):
@@ -163,12 +187,14 @@ def run_summary(data: dict, run: str, seeds=None) -> dict:
 
 
 def compare_claims(data: dict, claims=CLAIMS) -> list[dict]:
-    """The paired test of every claim whose two runs are in the document (module docstring)."""
+    """The paired test of every claim (better run and map, worse run and map, label) on the document's rows."""
     seed = data.get("statistics", {}).get("bootstrap_seed", st.BOOTSTRAP_SEED)
     out = []
-    for better, worse, name, label in claims:
-        result = st.paired_comparison(keyed_values(data, better, name), keyed_values(data, worse, name), seed=seed)
-        out.append({"claim": label, "better": better, "worse": worse, "map": name, "metric": "dsc", **result})
+    for better, better_map, worse, worse_map, label in claims:
+        result = st.paired_comparison(keyed_values(data, better, better_map), keyed_values(data, worse, worse_map),
+                                      seed=seed)
+        out.append({"claim": label, "better": better, "better_map": better_map, "worse": worse,
+                    "worse_map": worse_map, "map": better_map, "metric": "dsc", **result})
     return out
 
 
@@ -192,180 +218,7 @@ def build_document(*, command: str, seeds, pairs, runs: dict, wall: dict, settin
     return jsonable(data)
 
 
-# ----------------------------------------------------------------------------- tables
-
-
-def _num(value, scale: float = 1.0, digits: int = 1) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{scale * value:.{digits}f}"
-
-
-def fmt_cell(c: dict, scale: float = 1.0) -> str:
-    """'mean ± std [ci_low, ci_high]' ('-' for an empty cell; no interval when it has none)."""
-    if not c["n"]:
-        return "-"
-    text = f"{_num(c['mean'], scale)} ± {_num(c['std'], scale)}"
-    if c["ci_low"] is not None and math.isfinite(c["ci_low"]):
-        text += f" [{_num(c['ci_low'], scale)}, {_num(c['ci_high'], scale)}]"
-    return text
-
-
-def _dsc(data, run, name, seeds=None) -> str:
-    return fmt_cell(cell(data, run, name, "dsc", seeds), 100.0)
-
-
-def _assd(data, run, name, seeds=None) -> str:
-    return fmt_cell(cell(data, run, name, "assd", seeds))
-
-
-def _n_seeds(data, run, seeds=None) -> str:
-    c = cell(data, run, "fused" if "fused" in map_names(data, run) else map_names(data, run)[0], "dsc", seeds)
-    return f"{c['n']} ({c['seeds']})"
-
-
-def table_ii(data: dict, metric: str = "dsc") -> str:
-    """Four modalities, every seed: methods x (T1, T2, T1c, FLAIR, fused), DSC % or ASSD mm."""
-    fmt = _dsc if metric == "dsc" else _assd
-    lines = ["| method | " + " | ".join(MAP_ORDER) + " | volumes (seeds) |", "|---" * (len(MAP_ORDER) + 2) + "|"]
-    for run in (r for r in MAIN_ROWS if r in data["runs"]):
-        lines.append(f"| {run} | " + " | ".join(fmt(data, run, n) for n in MAP_ORDER) + f" | {_n_seeds(data, run)} |")
-    return "\n".join(lines) + "\n"
-
-
-def table_i(data: dict) -> str:
-    """Pairs (first seed): each pair's two modalities and their fusion, per method, DSC %."""
-    first = data["seeds"][:1]
-    blocks = []
-    for a, b in data["pairs"]:
-        key = f"{a}_{b}"
-        lines = [f"**{a.upper()} - {b.upper()}**", "", f"| method | {a} | {b} | fused |", "|---|---|---|---|"]
-        rows = [(m, f"{m}@{key}") for m in BASELINES + ("full_supervision",)] + [("cmer (pair)", f"cmer_{key}")]
-        for label, run in rows:
-            if run in data["runs"]:
-                lines.append(f"| {label} | " + " | ".join(_dsc(data, run, n, first) for n in (a, b, "fused")) + " |")
-        blocks.append("\n".join(lines) + "\n")
-    return "\n".join(blocks)
-
-
-def table_iii(data: dict) -> str:
-    """Ablation of the terms (first seed, four modalities): fused DSC % and ASSD mm."""
-    first = data["seeds"][:1]
-    flags = {"kd_only": "✓ | - | -", "kd_er": "✓ | ✓ | -", "er_cmer": "- | ✓ | ✓", "cmer": "✓ | ✓ | ✓"}
-    lines = ["| L_KD | L_ER | L_CMER | fused DSC | fused ASSD |", "|---|---|---|---|---|"]
-    for run in (r for r in ABLATIONS if r in data["runs"]):
-        lines.append(f"| {flags[run]} | {_dsc(data, run, 'fused', first)} | {_assd(data, run, 'fused', first)} |")
-    return "\n".join(lines) + "\n"
-
-
-def _per_map_table(data: dict, runs, seeds) -> str:
-    lines = ["| run | " + " | ".join(MAP_ORDER) + " |", "|---" * (len(MAP_ORDER) + 1) + "|"]
-    for run in (r for r in runs if r in data["runs"]):
-        lines.append(f"| {run} | " + " | ".join(_dsc(data, run, n, seeds) for n in MAP_ORDER) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def table_iv(data: dict) -> str:
-    """Backbones (first seed): CMER with the U-Net against CMER with DeepLab, DSC %."""
-    return _per_map_table(data, ("cmer", DEEPLAB_RUN), data["seeds"][:1])
-
-
-def table_switches(data: dict) -> str:
-    """The faithful default against each improvement switch (first seed), DSC %."""
-    return _per_map_table(data, ["cmer"] + sorted(r for r in data["runs"] if r.startswith(SWITCH_PREFIX)),
-                          data["seeds"][:1])
-
-
-def table_v(data: dict) -> str:
-    """r_u = FN/TP and r_o = FP/TP at the threshold, pooled over the test volumes of every seed."""
-    runs = [r for r in ("seam_scale", "seam_all", "cmer") if r in data["runs"]]
-    summaries = {r: run_summary(data, r) for r in runs}
-    lines = ["| modality | ratio | " + " | ".join(runs) + " |", "|---|---|" + "---|" * len(runs)]
-    for name in MAP_ORDER[:-1]:  # the modalities in the paper's order
-        for ratio in ("r_u", "r_o"):
-            values = [_num(summaries[r].get(name, {}).get(f"{ratio}_pooled"), digits=2) for r in runs]
-            lines.append(f"| {name} | {ratio} | " + " | ".join(values) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def table_claims(data: dict) -> str:
-    """The paired tests of the paper's claims: difference, interval, Wilcoxon p, verdict."""
-    conf = _num(100 * data["statistics"]["confidence"], digits=0)
-    lines = [f"| claim | map | pairs | better | worse | difference [{conf} % CI] | Wilcoxon p | verdict | reason |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for c in data["comparisons"]:
-        diff = f"{_num(c['mean_difference'], 100)} [{_num(c['ci_low'], 100)}, {_num(c['ci_high'], 100)}]"
-        p = "-" if c["p_value"] is None else f"{c['p_value']:.3g}"
-        lines.append(f"| {c['claim']} | {c['map']} | {c['n']} | {_num(c['mean_better'], 100)} "
-                     f"| {_num(c['mean_worse'], 100)} | {diff} | {p} | **{c['verdict']}** | {c['reason']} |")
-    return "\n".join(lines) + "\n"
-
-
-def _setting_lines(data: dict) -> list[str]:
-    m = data["machine"]
-    machine = f"{m.get('cpu')}, {m.get('cores')} cores" + (f", {m['gpu']}" if m.get("gpu") else "")
-    lines = ["| | value |", "|---|---|", *[f"| command | `{c}` |" for c in data.get("commands", [data["command"]])],
-             f"| date | {data['date']} |", f"| commit | {data['commit']} |", f"| machine | {machine} |",
-             f"| software | Python {m.get('python')}, torch {m.get('torch')}, monai {m.get('monai')} |",
-             f"| device, precision | {m.get('device')}, {m.get('precision')} |",
-             f"| seeds | {', '.join(str(s) for s in data['seeds'])} |", f"| data | {data['dataset']} |"]
-    for key, s in data["settings"].items():
-        lines.append(f"| settings {key} | " + ", ".join(f"{k} {json.dumps(v)}" for k, v in s.items()) + " |")
-    return lines
-
-
-def render_page(data: dict, figure_dir: str = "", title: str = "Experiments", note: str = "") -> str:
-    """The whole markdown page (tables.md or the docs page) from a results.json object.
-
-    `figure_dir` is the folder of the figures relative to the page ('' = next to it).
-    """
-    s = data["statistics"]
-    conf, alpha = _num(100 * s["confidence"], digits=0), s["alpha"]
-    figures = [f"{figure_dir}{name}" for name in data.get("figures", [])]
-    parts = [
-        f"# {title}", "", *([note, ""] if note else []), *_setting_lines(data), "",
-        f"Per-volume 3D DSC (%) and ASSD (mm) on the test split: mean ± std over the test volumes of every "
-        f"seed pooled, then the {conf} % interval of the mean in brackets: a t interval on the per-seed means "
-        f"when a cell has two or more seeds, else a percentile bootstrap over the volumes "
-        f"({s['bootstrap_samples']} resamples, seed {s['bootstrap_seed']}); `tools/experiment_stats.py`. "
-        "Each seed sets the training seed, the phantom and the split.", "",
-        "## Table II analogue: four modalities, DSC (%)", "", table_ii(data),
-        "## Table II analogue: four modalities, ASSD (mm)", "", table_ii(data, "assd"),
-        "## Table I analogue: pairs (first seed)", "", table_i(data),
-        "## Table III analogue: ablation of the terms (four modalities, fused, first seed)", "", table_iii(data),
-        "## Table IV analogue: backbone (DSC %, first seed)", "", table_iv(data),
-        "## Table V analogue: r_u = FN/TP, r_o = FP/TP (pooled over volumes and seeds)", "", table_v(data),
-        "## Improvement switches (DSC %, first seed)", "", table_switches(data),
-        "## The paper's claims, paired per volume", "",
-        f"Volumes paired by seed and subject; difference = better - worse in DSC points; {conf} % paired "
-        f"bootstrap interval; two-sided Wilcoxon signed-rank test. Reproduced: the paper's direction and "
-        f"p < {alpha:g}; not reproduced: the opposite direction and p < {alpha:g}; inconclusive otherwise "
-        f"(also with fewer than {s['min_pairs']} non-zero differences).", "", table_claims(data),
-        "## Figures", "", *[f"![{Path(f).stem}]({f})" for f in figures], "",
-        "## Training wall time (s)", "", "| run | seconds |", "|---|---|",
-        *[f"| {k} | {_num(v, digits=0)} |" for k, v in data["wall_seconds"].items()], "",
-    ]
-    return "\n".join(parts)
-
-
-# ----------------------------------------------------------------------------- docs + model card
-
-
-def write_docs(results_json: str | os.PathLike, docs_path: str | os.PathLike) -> Path:
-    """Write the docs page from results.json; the figures are copied to <docs folder>/figures/results_*."""
-    results_json, docs_path = Path(results_json), Path(docs_path)
-    data = json.loads(results_json.read_text())
-    figure_dir = docs_path.parent / "figures"
-    copied = []
-    for name in data.get("figures", []):
-        source = results_json.parent / name
-        if source.is_file():
-            figure_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, figure_dir / f"results_{name}")
-            copied.append(f"results_{name}")
-    note = ("Generated by `python -m tools.experiments` (the command below, with `--write-docs`) from its "
-            "results.json; every number on this page comes from that file. Do not edit by hand: rerun the command.")
-    text = render_page({**data, "figures": copied}, "figures/", "Results on the embedded phantom", note)
-    atomic_write_text(docs_path, text)
-    return docs_path
+# ----------------------------------------------------------------------------- model card
 
 
 def update_metadata(data: dict, metadata_path: str | os.PathLike, run: str = "cmer") -> dict:

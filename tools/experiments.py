@@ -1,400 +1,183 @@
 """The paper's experiments in one command: train every method, evaluate, write the tables.
 
-    python -m tools.experiments --out results/phantom                   # the full plan, seeds 0 1 2
-    python -m tools.experiments --out results/phantom --seeds 0 1 2 3 4 # more seeds
-    python -m tools.experiments --out results/quick --quick             # a few minutes (CI), seed 0
-    python -m tools.experiments --out results/phantom --write-docs docs/results.md --update-metadata
-    python -m tools.experiments --out results/phantom --report-only --write-docs docs/results.md
+    python -m tools.experiments --out runs/paper --records results/paper --dataset-dir data/phantom \
+        --seeds 1337 7 42 --device cpu --set precision=fp32                        # the committed plan
+    python -m tools.experiments --out results/quick --quick                        # a few minutes (CI), seed 0
+    python -m tools.experiments --out runs/paper --records results/paper --dataset-dir data/phantom \
+        --seeds 1337 7 42 --report-only --write-docs docs/results.md --update-metadata
 
-Each run is the bundle's own training and evaluation (configs/train.yaml + a method
-preset + configs/evaluate.yaml through MONAI's ConfigWorkflow; stage 2 through
-configs/stage2.yaml), so the numbers are the ones a user gets from the documented commands.
-A run whose model and evaluation already exist is reused, so an interrupted experiment
-picks up where it stopped; `--runs NAME...` restricts the plan (names as in tables.md, or
-seed<s>/NAME for one seed) and keeps the other runs' rows of an existing results.json.
+Each run is the bundle's own training and evaluation (`tools.experiment_runs`), so the numbers
+are the ones a user gets from the documented commands. Every finished run leaves a small record
+(`tools.experiment_records`: per-volume rows, settings, recipe, precision, machine, commit; no
+weights) under --records (default <out>/records); a run with a record is done and is not run
+again, so a plan longer than one session continues on a fresh machine where the last one stopped
+(commit the records as runs finish). A run cut off leaves no record; a model already trained in
+<out>/runs is reused. The runner refuses to add runs whose precision or recipe differ from the
+records', and a table that mixes them, unless --allow-mixed (the page then lists the variants).
 
-Seeds: a seed s sets the training seed (`seed`, which also seeds the datalist split) and the
-phantom (`phantom#seed`): each seed's phantom is generated into <out>/data/seed<s> with its
-own cache <out>/cache/seed<s>. With --dataset-dir the data are fixed: only the training seed
-and the split vary (each seed's datalist in <out>/splits/seed<s>/; a datalist .json given as
---dataset-dir keeps its own split). The main rows (cam, seam_scale, seam_all, cmer, stage2,
-full_supervision) run for every seed; the Table III ablations, the Table I pair runs, the
-DeepLab backbone (Table IV) and the improvement switches run for the first seed only.
+Seeds: a seed s sets the training seed (`seed`, which also seeds the datalist split) and, without
+--dataset-dir, the phantom (`phantom#seed`, generated into <out>/data/seed<s>). With --dataset-dir
+the data are fixed and only the training seed and the split vary (<out>/splits/seed<s>/). Which
+runs each seed gets: `tools.experiment_plan`.
 
-Writes under --out: runs/seed<s>/<run>/{models,train,eval}, results.json (every per-volume
-row, pooled summaries, paired tests of the paper's claims: tools/experiment_report.py,
-tools/experiment_stats.py), tables.md (analogues of the paper's Tables I-V with intervals),
-sweep_<map>.png (Fig. 4), overlays.png (Fig. 5). --write-docs PATH renders the same page from
-results.json into PATH (figures copied next to it); --update-metadata copies the main CMER row
-into configs/metadata.json's eval_metrics.
-
-Baselines (CAM, SEAM) and full supervision train every modality network on its own, so
-one K = 4 run gives all single-modality baselines; their pair fusions (Table I) come from
-evaluating the two networks of that run together.
+Writes under --out: runs/seed<s>/<run>/{models,train,eval} (weights: never committed),
+results.json (every per-volume row of the records, pooled summaries, paired tests of the paper's
+claims: tools/experiment_report.py, tools/experiment_stats.py), tables.md (the paper's Tables I-V
+with intervals and the paper's numbers), transforms.png (Fig. 3), sweep_<map>.png (Fig. 4),
+overlays.png (Fig. 5). --write-docs PATH renders the same page into PATH (figures copied next to
+it); --update-metadata copies the main CMER row into configs/metadata.json's eval_metrics.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from scripts.common import MODALITIES, atomic_torch_save, atomic_write_json, atomic_write_text
+from scripts.common import MODALITIES, atomic_write_json, atomic_write_text
 from tools import experiment_figures as figs
+from tools import experiment_records as rec
 from tools import experiment_report as report
-from tools.experiment_report import ABLATIONS, BASELINES, DEEPLAB_RUN, seed_key
+from tools import experiment_tables as tables
+from tools.experiment_plan import (DEFAULT_SEEDS, QUICK_SEEDS, SEEDED_KEYS, Plan, Run, full_plan, quick_plan,
+                                   run_overrides, selected)
+from tools.experiment_report import BUNDLE_ROOT, seed_key
+from tools.experiment_runs import Context, _config_files, stage1_record, stage2_record
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-PAIRS = (("t1", "t2"), ("t1c", "flair"), ("t1", "flair"), ("t1c", "t2"))
-DEFAULT_SEEDS = (0, 1, 2)
-QUICK_SEEDS = (0,)
-# Set per seed by the runner (seed_overrides): --set may not change them.
-SEEDED_KEYS = ("seed", "phantom#seed", "dataset_dir", "cache_dir", "datalist_path", "make_phantom")
-SETTING_KEYS = ("seed", "epochs", "batch_size", "lr", "weight_decay", "backbone", "base_channels", "spatial_size",
-                "spacing", "split", "phantom", "precision")
+
+def _device(plan: Plan) -> str:
+    import torch
+
+    return plan.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
-@dataclass(frozen=True)
-class Run:
-    """One training run of the plan: a method preset on some modalities, for one seed."""
+def expected_variant(plan: Plan, common: dict) -> dict:
+    """The {precision, recipe} this call would record: the precision resolved on this device and the
+    RECIPE_KEYS of train.yaml + presets + --set."""
+    from monai.bundle import ConfigParser
 
-    name: str
-    method: str  # a file of configs/methods/
-    modalities: tuple[str, ...] = MODALITIES
-    overrides: tuple = ()  # (config id, value) pairs on top of the method preset
-    seed: int = 0
-    stage1: str = ""  # stage-2 runs only: the run of the same seed whose model.pt gives the pseudo-masks
+    from scripts.precision import resolve_precision
 
-    @property
-    def key(self) -> str:
-        """'seed<s>/<name>': the run's folder under runs/ and its name in the wall-time table."""
-        return f"{seed_key(self.seed)}/{self.name}"
+    files = _config_files("configs/train.yaml", *plan.presets)
+    parser = ConfigParser()
+    parser.read_config(files)
+    configured = str(plan.overrides.get("precision", parser.get("precision")))
+    return {"precision": resolve_precision(configured, _device(plan)),
+            "recipe": rec.recipe_of(files, {**common, **plan.overrides})}
 
 
-# Improvement switches measured against the faithful default (docs/results.md).
-SWITCH_RUNS = (
-    Run("cmer+per_sample_sum", "cmer", overrides=(("objective#reduction", "per_sample_sum"),)),
-    Run("cmer+mask_out_of_field", "cmer", overrides=(("objective#mask_out_of_field", True),)),
-)
+def _plan_names(plan: Plan) -> set:
+    return {r.name for r in plan.runs}
 
 
-@dataclass
-class Plan:
-    """The runs in order, the seeds, the pairs of Table I and what every run shares (presets, --set, data)."""
-
-    runs: list[Run]
-    seeds: tuple[int, ...] = DEFAULT_SEEDS
-    pairs: tuple = PAIRS
-    overrides: dict = field(default_factory=dict)  # --set, for every run
-    presets: tuple[str, ...] = ()
-    dataset_dir: str | None = None  # --dataset-dir: fixed data for every seed
-    device: str | None = None  # --device
-
-
-def full_plan(seeds=DEFAULT_SEEDS) -> Plan:
-    """Every run of the paper's tables, ordered so an interrupted experiment has the most important first:
-    the main comparison for every seed, the Table III ablations, full supervision and stage 2 for
-    every seed, then the DeepLab backbone, the pair runs and the switches (first seed)."""
-    seeds = tuple(int(s) for s in seeds)
-    first = seeds[0]
-    runs = [Run(m, m, seed=s) for s in seeds for m in ("cam", "seam_all", "cmer", "seam_scale")]
-    runs += [Run(m, m, seed=first) for m in ABLATIONS if m != "cmer"]
-    runs += [Run("full_supervision", "full_supervision", seed=s) for s in seeds]
-    runs += [Run("stage2", "cmer", seed=s, stage1="cmer") for s in seeds]
-    runs.append(Run(DEEPLAB_RUN, "cmer", overrides=(("backbone", "deeplab"),), seed=first))
-    runs += [Run(f"cmer_{a}_{b}", "cmer", (a, b), seed=first) for a, b in PAIRS]
-    runs += [dataclasses.replace(r, seed=first) for r in SWITCH_RUNS]
-    return Plan(runs, seeds=seeds)
-
-
-def quick_plan(seeds=QUICK_SEEDS) -> Plan:
-    """A few-minute plan on the small phantom: CAM, SEAM (all), CMER and stage 2 per seed, one pair run."""
-    seeds = tuple(int(s) for s in seeds)
-    stage2 = (("stage2_epochs", "@epochs"), ("stage2_base_channels", "@base_channels"))
-    runs = [r for s in seeds for r in (Run("cam", "cam", seed=s), Run("seam_all", "seam_all", seed=s),
-                                       Run("cmer", "cmer", seed=s),
-                                       Run("stage2", "cmer", overrides=stage2, seed=s, stage1="cmer"))]
-    runs.append(Run("cmer_t1_t2", "cmer", ("t1", "t2"), seed=seeds[0]))
-    return Plan(runs, seeds=seeds, pairs=(("t1", "t2"),), presets=("configs/presets/phantom_quick.yaml",))
-
-
-# ----------------------------------------------------------------------------- seeds and folders
-
-
-def seed_overrides(seed: int, out_dir: Path, dataset_dir: str | None = None) -> dict:
-    """Config overrides of one seed: training seed (which seeds the split), data folder, cache, datalist.
-
-    Without `dataset_dir` the phantom of seed s (`phantom#seed`) is generated into
-    <out>/data/seed<s>; with it the data are shared and each seed writes its own split to
-    <out>/splits/seed<s>/datalist.json (unless `dataset_dir` is itself a datalist .json).
-    """
-    out_dir = Path(out_dir)
-    overrides = {"seed": int(seed), "cache_dir": str(out_dir / "cache" / seed_key(seed))}
-    if dataset_dir is None:
-        overrides.update({"dataset_dir": str(out_dir / "data" / seed_key(seed)), "make_phantom": True,
-                          "phantom#seed": int(seed)})
-        return overrides
-    data = Path(dataset_dir).resolve()
-    overrides["dataset_dir"] = str(data)
-    if not (data.suffix.lower() == ".json" and data.is_file()):
-        overrides["datalist_path"] = str(out_dir / "splits" / seed_key(seed) / "datalist.json")
-    return overrides
-
-
-def run_dir(out_dir: Path, run: Run) -> Path:
-    """<out>/runs/seed<s>/<run name>."""
-    return Path(out_dir) / "runs" / seed_key(run.seed) / run.name
-
-
-def run_overrides(run: Run, plan: Plan, out_dir: Path, common: dict) -> dict:
-    """Every override of a run but its output folders: common < --set < the seed's < the run's own."""
-    return {**common, **plan.overrides, **seed_overrides(run.seed, out_dir, plan.dataset_dir), **dict(run.overrides)}
-
-
-# ----------------------------------------------------------------------------- running
-
-
-def _config_files(*files: str) -> list[str]:
-    return [str(BUNDLE_ROOT / f) for f in files]
-
-
-def _workflow(files, run_id: str, overrides: dict):
-    from monai.bundle import ConfigWorkflow
-
-    workflow = ConfigWorkflow(config_file=files, run_id=run_id, meta_file=str(BUNDLE_ROOT / "configs/metadata.json"),
-                              logging_file=str(BUNDLE_ROOT / "configs/logging.conf"), **overrides)
-    workflow.initialize()
-    return workflow
-
-
-def train(run: Run, folder: Path, plan: Plan, overrides: dict) -> float:
-    """Train one run with the bundle's training workflow; return the wall time in seconds."""
-    files = _config_files("configs/train.yaml", *plan.presets, f"configs/methods/{run.method}.yaml")
-    overrides = {**overrides, "modalities": list(run.modalities), "ckpt_dir": str(folder / "models"),
-                 "output_dir": str(folder / "train")}
-    start = time.time()
-    workflow = _workflow(files, "training", overrides)
-    workflow.run()
-    workflow.finalize()
-    return time.time() - start
-
-
-def evaluate(run: Run, plan: Plan, overrides: dict, modalities, ckpt_path: Path, out_dir: Path):
-    """Evaluate a checkpoint on the test split with the bundle's evaluation workflow.
-
-    Returns (EvaluationResult, the run's settings for results.json).
-    """
-    files = _config_files("configs/train.yaml", *plan.presets, f"configs/methods/{run.method}.yaml",
-                          "configs/evaluate.yaml")
-    overrides = {**overrides, "modalities": list(modalities), "ckpt_path": str(ckpt_path),
-                 "output_dir": str(out_dir), "eval_title": f"{run.name} ({'-'.join(modalities)})",
-                 "overwrite": True}  # the runner owns its eval folders: a rerun replaces them
-    if run.method == "full_supervision":  # a segmentation network: its softmax, ungated
-        overrides.update(method="softmax", gate=False)
-    workflow = _workflow(files, "evaluating", overrides)
-    workflow.run()
-    return workflow.parser.get_parsed_content("evaluate#report").result, run_settings(workflow.parser)
-
-
-def run_settings(parser) -> dict:
-    """The settings a table depends on (SETTING_KEYS) and the split the datalist holds."""
-    settings = {key: parser.get_parsed_content(key) for key in SETTING_KEYS}
-    settings["dataset"] = Path(parser.get_parsed_content("dataset_dir")).name
-    datalist = Path(parser.get_parsed_content("datalist"))
-    if datalist.is_file():
-        stored = json.loads(datalist.read_text())
-        settings.update(split_counts=stored.get("split"), split_seed=stored.get("seed"))
-    return report.jsonable(settings)
-
-
-def _stage2_overrides(run: Run, folder: Path, overrides: dict, stage1_ckpt: Path, output: str) -> dict:
-    return {**overrides, "stage1_ckpt_path": str(stage1_ckpt), "ckpt_dir": str(folder / "models"),
-            "output_dir": str(folder / output), "stage2_report_after_training": False}
-
-
-def train_stage2(run: Run, folder: Path, plan: Plan, overrides: dict, stage1_ckpt: Path) -> float:
-    """Train the stage-2 network on the pseudo-masks of `stage1_ckpt` (configs/stage2.yaml); wall seconds."""
-    files = _config_files("configs/train.yaml", *plan.presets, "configs/stage2.yaml")
-    start = time.time()
-    workflow = _workflow(files, "training", _stage2_overrides(run, folder, overrides, stage1_ckpt, "train"))
-    workflow.run()
-    workflow.finalize()
-    wall = time.time() - start
-    atomic_write_json(folder / "train" / "finished.json", {"wall_seconds": wall})
-    return wall
-
-
-def evaluate_stage2(run: Run, folder: Path, plan: Plan, overrides: dict, stage1_ckpt: Path):
-    """The stage-2 report's test rows as an EvaluationResult with one map, 'fused' (whole tumour)."""
-    from scripts.workflows.metrics import EvaluationResult, summarise_rows
-
-    files = _config_files("configs/train.yaml", *plan.presets, "configs/stage2.yaml")
-    workflow = _workflow(files, "reporting", _stage2_overrides(run, folder, overrides, stage1_ckpt, "eval"))
-    workflow.run()
-    stage2 = workflow.parser.get_parsed_content("stage2#report")
-    workflow.finalize()
-    rows = [{**r, "map": "fused"} for r in stage2.rows if r["split"] == stage2.test_split and r["map"] == "stage2"]
-    threshold = stage2.stage2_threshold
-    return EvaluationResult(threshold=threshold, rows=rows, summary={"fused": summarise_rows(rows, threshold)})
-
-
-def sub_checkpoint(ckpt_path: Path, modalities, chosen, target: Path) -> Path:
-    """The state dict of the networks of `chosen` modalities, renumbered as a smaller MultiModalCAM."""
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    index = {m: i for i, m in enumerate(modalities)}
-    picked = {}
-    for new, name in enumerate(chosen):
-        prefix = f"nets.{index[name]}."
-        picked.update({f"nets.{new}.{key[len(prefix):]}": value for key, value in state.items() if key.startswith(prefix)})
-    atomic_torch_save(picked, target)
-    return target
-
-
-def is_trained(folder: Path, stage2: bool = False) -> bool:
-    """A finished run: model.pt and validation.md (stage 2: stage2_model.pt and the runner's finished.json)."""
-    if stage2:
-        return (folder / "models" / "stage2_model.pt").is_file() and (folder / "train" / "finished.json").is_file()
-    return (folder / "models" / "model.pt").is_file() and (folder / "train" / "validation.md").is_file()
-
-
-def _run_one(run: Run, plan: Plan, out_dir: Path, common: dict, outcome: dict) -> None:
-    folder = run_dir(out_dir, run)
-    overrides = run_overrides(run, plan, out_dir, common)
-    results, wall = outcome["results"], outcome["wall"]
-    if run.stage1:
-        stage1 = run_dir(out_dir, dataclasses.replace(run, name=run.stage1, stage1=""))
-        if not is_trained(stage1):
-            logger.warning("%s: skipped, no finished stage-1 run %s", run.key, stage1)
-            return
-        if is_trained(folder, stage2=True):
-            logger.info("%s: reusing the trained stage-2 model", run.key)
-        else:
-            print(f"\n=== training {run.key} (stage 2 on {run.stage1}) ===", flush=True)
-            wall[run.key] = train_stage2(run, folder, plan, overrides, stage1 / "models" / "model.pt")
-        print(f"\n=== evaluating {run.key} ===", flush=True)
-        results[(run.seed, run.name)] = evaluate_stage2(run, folder, plan, overrides, stage1 / "models" / "model.pt")
-        return
-    model = folder / "models" / "model.pt"
-    if is_trained(folder):
-        logger.info("%s: reusing the trained model %s", run.key, model)
-    else:
-        print(f"\n=== training {run.key} ({'-'.join(run.modalities)}, preset {run.method}) ===", flush=True)
-        wall[run.key] = train(run, folder, plan, overrides)
-    print(f"\n=== evaluating {run.key} ===", flush=True)
-    results[(run.seed, run.name)], settings = evaluate(run, plan, overrides, run.modalities, model, folder / "eval")
-    plain = tuple(run.modalities) == MODALITIES and not run.overrides
-    if plain:
-        outcome["settings"].setdefault(seed_key(run.seed), settings)
-    if plain and run.seed == plan.seeds[0] and run.method in BASELINES + ("full_supervision",):
-        for a, b in plan.pairs:
-            sub = sub_checkpoint(model, MODALITIES, (a, b), folder / "models" / f"model_{a}_{b}.pt")
-            results[(run.seed, f"{run.name}@{a}_{b}")], _ = evaluate(run, plan, overrides, (a, b), sub,
-                                                                      folder / f"eval_{a}_{b}")
-
-
-def selected(plan: Plan, only=None) -> list[Run]:
-    """The plan's runs that `only` names (by name or seed<s>/name); all of them without `only`."""
-    return [r for r in plan.runs if not only or r.name in only or r.key in only]
-
-
-def run_plan(plan: Plan, out_dir: Path, common: dict, only=None, after_each=None) -> dict:
-    """Train (or reuse) and evaluate the selected runs in order; `after_each(outcome)` after every run.
-
-    Returns {results: {(seed, run): EvaluationResult}, wall: {seed<s>/run: s}, settings:
-    {seed<s>: settings}}.
-    """
+def run_plan(plan: Plan, out_dir: Path, common: dict, records_dir: Path, only=None, after_each=None,
+             command: str = "", allow_mixed: bool = False) -> list[str]:
+    """Run every selected run that has no record yet, writing its record when it is done; returns the
+    keys of the runs this call recorded. `after_each()` after every recorded run."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    outcome = {"results": {}, "wall": {}, "settings": {}}
+    expected = expected_variant(plan, common)
+    existing = rec.load_records(records_dir, _plan_names(plan), set(plan.seeds))
+    rec.check_uniform(existing, allow_mixed, expected)  # before hours of training, not after
+    ctx = Context(plan, out_dir, common, command)
+    done = []
     for run in selected(plan, only):
-        _run_one(run, plan, out_dir, common, outcome)
+        path = rec.record_path(records_dir, run.seed, run.name)
+        if path.is_file():
+            logger.info("%s: recorded in %s, done", run.key, path)
+            continue
+        if run.stage1:
+            stage1 = rec.read_record(rec.record_path(records_dir, run.seed, run.stage1))
+            body = stage2_record(run, ctx, stage1)
+        else:
+            body = stage1_record(run, ctx)
+        record = {"run": run.name, "seed": run.seed, "plan_seeds": list(plan.seeds), "method": run.method,
+                  "modalities": list(run.modalities), "overrides": dict(run.overrides), "stage1": run.stage1,
+                  "plan": plan.kind, "presets": list(plan.presets), "set": plan.overrides,
+                  "dataset_dir": _portable(plan.dataset_dir), **body, "recipe": expected["recipe"],
+                  **rec.provenance(_device(plan), expected["precision"], command)}
+        rec.write_record(path, record)
+        print(f"recorded {run.key}: {path}", flush=True)
+        done.append(run.key)
         if after_each is not None:
-            after_each(outcome)
-    return outcome
+            after_each()
+    return done
+
+
+def _portable(path: str | None) -> str | None:
+    """A data folder as a record keeps it: relative to the bundle when inside it, else only its name."""
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(BUNDLE_ROOT))
+    except ValueError:
+        return Path(path).name
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def _device(plan: Plan) -> str:
-    return plan.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+def _machines(records: dict) -> list[dict]:
+    """The distinct machines (CPU / GPU, precision, software) of the records, each with its runs and commits."""
+    groups: dict[str, dict] = {}
+    for (seed, name), record in sorted(records.items()):
+        m = record.get("machine", {})
+        entry = {k: m.get(k) for k in ("cpu", "cores", "gpu", "device", "torch", "monai", "python")}
+        entry["precision"] = record.get("precision")
+        group = groups.setdefault(json.dumps(entry, sort_keys=True), {**entry, "runs": [], "commits": []})
+        group["runs"].append(f"{seed_key(seed)}/{name}")
+        if record.get("commit") not in group["commits"]:
+            group["commits"].append(record.get("commit"))
+    return list(groups.values())
 
 
-def _precision(plan: Plan, settings: dict) -> str:
-    from scripts.precision import resolve_precision
-
-    configured = next(iter(settings.values()), {}).get("precision", "auto")
-    try:
-        return f"{configured} ({resolve_precision(configured, _device(plan))})"
-    except (ValueError, RuntimeError):
-        return str(configured)
-
-
-def earlier_records(out_dir: Path, plan: Plan) -> tuple[dict, dict, dict, list]:
-    """(runs, wall, settings, commands) of an existing <out>/results.json, limited to this plan's runs and seeds.
-
-    A call restricted with --runs evaluates only some runs; the others keep their earlier rows.
-    """
-    path = out_dir / "results.json"
-    if not path.is_file():
-        return {}, {}, {}, []
-    earlier = json.loads(path.read_text())
-    names, seeds = {r.name for r in plan.runs}, {seed_key(s) for s in plan.seeds}
-    runs = {name: {s: rec for s, rec in by_seed.items() if s in seeds}
-            for name, by_seed in earlier.get("runs", {}).items() if name.split("@")[0] in names}
-    wall = {k: v for k, v in earlier.get("wall_seconds", {}).items()
-            if k.split("/")[0] in seeds and k.split("/", 1)[-1] in names}
-    settings = {s: v for s, v in earlier.get("settings", {}).items() if s in seeds}
-    commands = earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
-    return {k: v for k, v in runs.items() if v}, wall, settings, commands
-
-
-def results_document(outcome: dict, plan: Plan, out_dir: Path, command: str) -> dict:
-    """The results.json object of an outcome merged over the earlier one (`earlier_records`)."""
-    runs, wall, settings, commands = earlier_records(out_dir, plan)
-    for (seed, name), result in outcome["results"].items():
-        runs.setdefault(name, {})[seed_key(seed)] = report.run_record(result.rows, result.sweep)
-    wall.update(outcome["wall"])
-    settings.update(outcome["settings"])
+def results_document(plan: Plan, records_dir: Path, allow_mixed: bool = False) -> dict:
+    """The results.json object built from the plan's records (every seed of the plan)."""
+    records = rec.load_records(records_dir, _plan_names(plan), set(plan.seeds))
+    variants = rec.check_uniform(records, allow_mixed)
+    runs, wall, settings, overlays = {}, {}, {}, {}
+    for (seed, name), record in sorted(records.items(), key=lambda item: (plan.seeds.index(item[0][0]), item[0][1])):
+        for evaluation, rows in record["evaluations"].items():
+            runs.setdefault(evaluation, {})[seed_key(seed)] = rows
+        wall[f"{seed_key(seed)}/{name}"] = (record.get("wall_seconds") or {}).get("train")
+        if record.get("modalities") == list(MODALITIES) and not record.get("overrides") and record.get("settings"):
+            settings.setdefault(seed_key(seed), record["settings"])
+        if seed == plan.seeds[0] and record.get("overlay"):
+            overlays[name] = record["overlay"]
     dataset = ("phantom generated per seed (phantom seed = seed) into data/seed<s>" if plan.dataset_dir is None
                else f"{Path(plan.dataset_dir).name}, the same data for every seed (split seed = seed)")
-    return report.build_document(
-        command=command, seeds=plan.seeds, pairs=plan.pairs, runs=runs, wall=wall, settings=settings,
-        machine=report.machine_info(_device(plan), _precision(plan, settings)), figures=figs.figure_names(out_dir),
-        dataset=dataset, commands=list(dict.fromkeys([*commands, command])))
+    commands = list(dict.fromkeys(r.get("command", "") for r in records.values() if r.get("command")))
+    machines = _machines(records)
+    data = report.build_document(
+        command=commands[-1] if commands else "", seeds=plan.seeds, pairs=plan.pairs, runs=runs, wall=wall,
+        settings=settings, machine=machines[0] if machines else {}, figures=[], dataset=dataset, commands=commands)
+    data.update(machines=machines, variants=variants if len(variants) > 1 else [], overlays=overlays,
+                recipe=variants[0]["recipe"] if variants else {}, records=str(records_dir))
+    return report.jsonable(data)
 
 
-def overlay_models(plan: Plan, out_dir: Path) -> dict:
-    """{run: model.pt} of the finished four-modality stage-1 runs of the first seed (Fig. 5's rows)."""
-    first = plan.seeds[0]
-    return {r.name: run_dir(out_dir, r) / "models" / "model.pt" for r in plan.runs
-            if r.seed == first and not r.stage1 and not r.overrides and tuple(r.modalities) == MODALITIES
-            and is_trained(run_dir(out_dir, r))}
-
-
-def write_report(outcome: dict, plan: Plan, out_dir: Path, common: dict, command: str, figures: bool = True) -> Path:
-    """results.json, the figures from it (when `figures`), then tables.md rendered from it; returns tables.md."""
-    data = results_document(outcome, plan, out_dir, command)
-    atomic_write_json(out_dir / "results.json", data)
+def write_report(plan: Plan, out_dir: Path, common: dict, records_dir: Path, figures: bool = True,
+                 allow_mixed: bool = False) -> Path:
+    """results.json from the records, the figures from it (when `figures`), then tables.md; returns tables.md."""
+    data = results_document(plan, records_dir, allow_mixed)
     if figures:
         figs.sweep_figures(data, out_dir)
-        models = overlay_models(plan, out_dir)
-        if models:
+        figs.transform_figure(data, out_dir, report.transform_runs())
+        if data["overlays"]:
             first = Run("cam", "cam", seed=plan.seeds[0])
-            figs.overlay_figure(models, _config_files("configs/train.yaml", *plan.presets),
-                                run_overrides(first, plan, out_dir, common), out_dir / figs.OVERLAYS)
-        data["figures"] = figs.figure_names(out_dir)
-        atomic_write_json(out_dir / "results.json", data)
+            try:
+                figs.overlay_figure(data["overlays"], _config_files("configs/train.yaml", *plan.presets),
+                                    run_overrides(first, plan, out_dir, common), out_dir / figs.OVERLAYS)
+            except (OSError, KeyError, ValueError, RuntimeError) as err:  # the data of the first seed are not here
+                logger.warning("overlays.png not redrawn (%s): run with the plan's --dataset-dir / --seeds", err)
+    data["figures"] = figs.figure_names(out_dir)
+    atomic_write_json(out_dir / "results.json", data)
     return render_tables(out_dir)
 
 
@@ -402,19 +185,21 @@ def render_tables(out_dir: Path) -> Path:
     """tables.md from <out>/results.json."""
     data = json.loads((out_dir / "results.json").read_text())
     target = out_dir / "tables.md"
-    atomic_write_text(target, report.render_page(data, title=f"Experiments ({data['date']})"))
+    atomic_write_text(target, tables.render_page(data, title=f"Experiments ({data['date']})"))
     return target
 
 
 def command_line(argv) -> str:
-    """The command as results.json records it: shell-quoted, paths under the working folder relative."""
+    """The command as the records keep it: shell-quoted, paths under the working folder relative."""
     here = str(Path.cwd()) + os.sep
     return shlex.join(["python", "-m", "tools.experiments", *(a.replace(here, "") for a in argv)])
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="results folder")
+    parser.add_argument("--out", required=True, help="working folder: run folders with weights, results.json, tables")
+    parser.add_argument("--records", help="run records, one JSON per finished run (default <out>/records); "
+                        "commit them: a run with a record is done")
     parser.add_argument("--quick", action="store_true", help="a few-minute version (small phantom, seed 0)")
     parser.add_argument("--seeds", type=int, nargs="+", help=f"seeds (default {' '.join(map(str, DEFAULT_SEEDS))}; "
                         f"--quick: {' '.join(map(str, QUICK_SEEDS))}); each sets the training seed, phantom and split")
@@ -423,49 +208,73 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="e.g. cpu or cuda:0 (default: cuda when available)")
     parser.add_argument("--set", nargs="*", default=[], metavar="ID=VALUE",
                         help="config overrides for every run, e.g. epochs=4 (values parsed as JSON when they can be)")
+    parser.add_argument("--allow-mixed", action="store_true",
+                        help="accept records of other precisions or recipes in one table (the page lists them)")
     parser.add_argument("--write-docs", metavar="PATH", help="also write the results page (e.g. docs/results.md)")
     parser.add_argument("--update-metadata", action="store_true",
                         help="copy the main CMER row into configs/metadata.json's eval_metrics")
     parser.add_argument("--report-only", action="store_true",
-                        help="train and evaluate nothing: rewrite tables.md (and --write-docs) from results.json")
+                        help="train and evaluate nothing: rebuild results.json, figures and tables from the records")
     return parser
 
 
+def _plan_of(args, parser, recorded: dict | None = None) -> Plan:
+    """The plan of the command line; for --report-only, what the command line leaves out (plan kind, seeds,
+    presets, --set, --dataset-dir) comes from a `recorded` run's record."""
+    recorded = recorded or {}
+    quick = args.quick or recorded.get("plan") == "quick"
+    seeds = args.seeds or recorded.get("plan_seeds") or (QUICK_SEEDS if quick else DEFAULT_SEEDS)
+    seeds = tuple(dict.fromkeys(int(s) for s in seeds))
+    plan = quick_plan(seeds) if quick else full_plan(seeds)
+    dataset_dir = args.dataset_dir
+    if dataset_dir is None and recorded.get("dataset_dir"):
+        dataset_dir = str(BUNDLE_ROOT / recorded["dataset_dir"])
+    plan.dataset_dir = str(Path(dataset_dir).resolve()) if dataset_dir else None
+    plan.device = args.device
+    if "presets" in recorded:
+        plan.presets = tuple(recorded["presets"])
+    plan.overrides = dict(recorded.get("set") or {}) if not args.set else {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key in SEEDED_KEYS:
+            parser.error(f"--set {key} is set per seed: use --seeds / --dataset-dir")
+        try:
+            plan.overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            plan.overrides[key] = value
+    return plan
+
+
 def main(argv=None) -> int:
-    """Command line: run the plan, then write results.json, tables.md, figures and the optional docs."""
+    """Command line: run the plan (runs without a record), then results.json, figures and tables from the records."""
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out_dir = Path(args.out).resolve()
-    if not args.report_only:
-        seeds = tuple(dict.fromkeys(args.seeds or (QUICK_SEEDS if args.quick else DEFAULT_SEEDS)))
-        plan = quick_plan(seeds) if args.quick else full_plan(seeds)
-        plan.dataset_dir = str(Path(args.dataset_dir).resolve()) if args.dataset_dir else None
-        plan.device = args.device
-        common = {"bundle_root": str(BUNDLE_ROOT)}
-        if args.device:
-            common["device"] = f"$torch.device('{args.device}')"
-        for item in args.set:
-            key, _, value = item.partition("=")
-            if key in SEEDED_KEYS:
-                parser.error(f"--set {key} is set per seed: use --seeds / --dataset-dir")
-            try:
-                plan.overrides[key] = json.loads(value)
-            except json.JSONDecodeError:
-                plan.overrides[key] = value
-        start = time.time()
-        command = command_line(argv if argv is not None else sys.argv[1:])
-        # tables after every run, so an interrupted experiment still leaves what it measured
-        partial = lambda outcome: write_report(outcome, plan, out_dir, common, command, figures=False)  # noqa: E731
-        outcome = run_plan(plan, out_dir, common, only=set(args.runs or []), after_each=partial)
-        tables = write_report(outcome, plan, out_dir, common, command)
-        print(f"\n{tables.read_text()}\nwrote {tables} in {time.time() - start:.0f} s", flush=True)
-    elif not (out_dir / "results.json").is_file():
-        parser.error(f"--report-only: no {out_dir / 'results.json'}")
-    else:
-        print(f"wrote {render_tables(out_dir)}", flush=True)
+    records_dir = Path(args.records).resolve() if args.records else out_dir / "records"
+    recorded = None
+    if args.report_only:
+        found = rec.load_records(records_dir)
+        if not found:
+            parser.error(f"--report-only: no run records under {records_dir}")
+        recorded = found[max(found, key=lambda k: found[k].get("date", ""))]  # the latest call's plan
+    plan = _plan_of(args, parser, recorded)
+    common = {"bundle_root": str(BUNDLE_ROOT)}
+    if args.device:
+        common["device"] = f"$torch.device('{args.device}')"
+    start = time.time()
+    try:
+        if not args.report_only:
+            command = command_line(argv if argv is not None else sys.argv[1:])
+            # tables after every recorded run, so an interrupted experiment still shows what it measured
+            partial = lambda: write_report(plan, out_dir, common, records_dir, False, args.allow_mixed)  # noqa: E731
+            run_plan(plan, out_dir, common, records_dir, set(args.runs or []), partial, command, args.allow_mixed)
+        page = write_report(plan, out_dir, common, records_dir, allow_mixed=args.allow_mixed)
+    except rec.MixedRecords as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"\n{page.read_text()}\nwrote {page} in {time.time() - start:.0f} s", flush=True)
     if args.write_docs:
-        print(f"wrote {report.write_docs(out_dir / 'results.json', args.write_docs)}", flush=True)
+        print(f"wrote {tables.write_docs(out_dir / 'results.json', args.write_docs)}", flush=True)
     if args.update_metadata:
         data = json.loads((out_dir / "results.json").read_text())
         metrics = report.update_metadata(data, BUNDLE_ROOT / "configs" / "metadata.json")

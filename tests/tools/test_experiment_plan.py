@@ -5,15 +5,17 @@ from pathlib import Path
 import pytest
 
 from scripts.data.datalist import write_datalist
+from tools import experiment_plan as plan_mod
 from tools import experiments as ex
 
-MAIN = ("cam", "seam_all", "cmer", "seam_scale", "full_supervision", "stage2")
+MAIN = ("cmer", "stage2", "stage2_all", "cam", "seam_all", "seam_scale", "full_supervision")
 FIRST_ONLY = ("kd_only", "kd_er", "er_cmer", "cmer_deeplab", "cmer_t1_t2", "cmer_t1c_flair", "cmer_t1_flair",
-              "cmer_t1c_t2", "cmer+per_sample_sum", "cmer+mask_out_of_field")
+              "cmer_t1c_t2", "cmer_flip", "cmer_rotation", "cmer_scale", "cmer_translation", "cmer+per_sample_sum",
+              "cmer+mask_out_of_field")
 
 
 def test_main_rows_run_for_every_seed_the_rest_for_the_first():
-    plan = ex.full_plan((3, 1, 2))
+    plan = plan_mod.full_plan((3, 1, 2))
     seeds_of = {}
     for run in plan.runs:
         seeds_of.setdefault(run.name, []).append(run.seed)
@@ -24,41 +26,41 @@ def test_main_rows_run_for_every_seed_the_rest_for_the_first():
         assert seeds_of[name] == [3]
     assert len(plan.runs) == 3 * len(MAIN) + len(FIRST_ONLY)
     assert len({r.key for r in plan.runs}) == len(plan.runs)
-    # the main comparison of every seed comes first
-    assert [r.key for r in plan.runs[:5]] == ["seed3/cam", "seed3/seam_all", "seed3/cmer", "seed3/seam_scale",
-                                             "seed1/cam"]
-    stage2 = [r for r in plan.runs if r.name == "stage2"]
+    # each seed's CMER, its two stage-2 runs (they need its model.pt) and the baselines come first
+    assert [r.key for r in plan.runs[:7]] == ["seed3/cmer", "seed3/stage2", "seed3/stage2_all", "seed3/cam",
+                                             "seed3/seam_all", "seed3/seam_scale", "seed1/cmer"]
+    stage2 = [r for r in plan.runs if r.name.startswith("stage2")]
     assert all(r.stage1 == "cmer" for r in stage2)
+    assert dict(next(r for r in plan.runs if r.name == "stage2_all").overrides) == {"pseudo_modalities": None}
     assert dict(next(r for r in plan.runs if r.name == "cmer_deeplab").overrides) == {"backbone": "deeplab"}
-    # stage 2 comes after the stage-1 run it learns from
-    keys = [r.key for r in plan.runs]
-    assert all(keys.index(f"seed{s}/stage2") > keys.index(f"seed{s}/cmer") for s in (3, 1, 2))
+    assert dict(next(r for r in plan.runs if r.name == "cmer_rotation").overrides) == {"transforms#kinds": ["rotation"]}
+    assert set(plan.readouts) == {"cam", "seam_scale", "seam_all", "cmer"}  # GradCAM++ on the same networks
 
 
 def test_quick_plan_defaults_to_one_seed():
-    plan = ex.quick_plan()
-    assert plan.seeds == ex.QUICK_SEEDS == (0,)
+    plan = plan_mod.quick_plan()
+    assert plan.seeds == plan_mod.QUICK_SEEDS == (0,)
     assert [r.key for r in plan.runs] == ["seed0/cam", "seed0/seam_all", "seed0/cmer", "seed0/stage2",
                                          "seed0/cmer_t1_t2"]
-    assert {r.seed for r in ex.quick_plan((4, 5)).runs} == {4, 5}
-    assert ex.full_plan().seeds == ex.DEFAULT_SEEDS == (0, 1, 2)
+    assert {r.seed for r in plan_mod.quick_plan((4, 5)).runs} == {4, 5}
+    assert plan_mod.full_plan().seeds == plan_mod.DEFAULT_SEEDS == (0, 1, 2)
 
 
 def test_each_seed_gets_its_own_phantom_split_cache_and_run_folders(tmp_path):
-    overrides = [ex.seed_overrides(s, tmp_path) for s in (0, 1, 2)]
+    overrides = [plan_mod.seed_overrides(s, tmp_path) for s in (0, 1, 2)]
     for key in ("seed", "phantom#seed", "dataset_dir", "cache_dir"):
         assert len({o[key] for o in overrides}) == 3, key
     assert overrides[1]["seed"] == overrides[1]["phantom#seed"] == 1
     assert overrides[1]["dataset_dir"] == str(tmp_path / "data" / "seed1")
     assert overrides[1]["cache_dir"] == str(tmp_path / "cache" / "seed1")
     assert all(o["make_phantom"] is True and "datalist_path" not in o for o in overrides)
-    run = ex.Run("cmer", "cmer", seed=2)
-    assert ex.run_dir(tmp_path, run) == tmp_path / "runs" / "seed2" / "cmer"
+    run = plan_mod.Run("cmer", "cmer", seed=2)
+    assert plan_mod.run_dir(tmp_path, run) == tmp_path / "runs" / "seed2" / "cmer"
 
 
 def test_fixed_data_varies_only_the_training_seed_and_the_split(tmp_path):
     data = tmp_path / "brats"
-    overrides = [ex.seed_overrides(s, tmp_path / "out", str(data)) for s in (0, 1)]
+    overrides = [plan_mod.seed_overrides(s, tmp_path / "out", str(data)) for s in (0, 1)]
     assert overrides[0]["dataset_dir"] == overrides[1]["dataset_dir"] == str(data.resolve())
     assert "phantom#seed" not in overrides[0] and "make_phantom" not in overrides[0]
     assert [o["seed"] for o in overrides] == [0, 1]
@@ -66,7 +68,7 @@ def test_fixed_data_varies_only_the_training_seed_and_the_split(tmp_path):
     assert overrides[1]["datalist_path"] == str(tmp_path / "out" / "splits" / "seed1" / "datalist.json")
     datalist = tmp_path / "given.json"
     datalist.write_text("{}")
-    assert "datalist_path" not in ex.seed_overrides(1, tmp_path, str(datalist))  # its own split, kept
+    assert "datalist_path" not in plan_mod.seed_overrides(1, tmp_path, str(datalist))  # its own split, kept
 
 
 def test_the_seed_key_is_the_split_seed(tmp_path):
@@ -79,10 +81,10 @@ def test_the_seed_key_is_the_split_seed(tmp_path):
 
 
 def test_run_overrides_layer_the_seed_over_set_and_the_run_over_both(tmp_path):
-    plan = ex.full_plan((5,))
+    plan = plan_mod.full_plan((5,))
     plan.overrides = {"epochs": 1, "backbone": "unet"}
     run = next(r for r in plan.runs if r.name == "cmer_deeplab")
-    overrides = ex.run_overrides(run, plan, tmp_path, {"bundle_root": "/b"})
+    overrides = plan_mod.run_overrides(run, plan, tmp_path, {"bundle_root": "/b"})
     assert overrides["epochs"] == 1 and overrides["backbone"] == "deeplab" and overrides["seed"] == 5
     assert overrides["bundle_root"] == "/b" and overrides["phantom#seed"] == 5
 
@@ -93,14 +95,14 @@ def test_set_may_not_change_a_seeded_key(tmp_path):
 
 
 def test_selected_names_runs_by_name_or_by_seed():
-    plan = ex.full_plan((0, 1))
-    assert [r.key for r in ex.selected(plan, {"cmer"})] == ["seed0/cmer", "seed1/cmer"]
-    assert [r.key for r in ex.selected(plan, {"seed1/cam", "kd_only"})] == ["seed1/cam", "seed0/kd_only"]
-    assert len(ex.selected(plan)) == len(plan.runs)
+    plan = plan_mod.full_plan((0, 1))
+    assert [r.key for r in plan_mod.selected(plan, {"cmer"})] == ["seed0/cmer", "seed1/cmer"]
+    assert [r.key for r in plan_mod.selected(plan, {"seed1/cam", "kd_only"})] == ["seed1/cam", "seed0/kd_only"]
+    assert len(plan_mod.selected(plan)) == len(plan.runs)
 
 
 def test_every_method_file_of_the_plan_exists():
-    for run in ex.full_plan().runs:
+    for run in plan_mod.full_plan().runs:
         assert (Path(ex.BUNDLE_ROOT) / "configs" / "methods" / f"{run.method}.yaml").is_file()
 
 
@@ -109,7 +111,7 @@ def test_the_deeplab_row_builds_a_deeplab_network_from_the_configs():
 
     from scripts.model.networks import DeepLabCAM
 
-    run = next(r for r in ex.full_plan().runs if r.name == "cmer_deeplab")
+    run = next(r for r in plan_mod.full_plan().runs if r.name == "cmer_deeplab")
     parser = ConfigParser()
     parser.read_config([str(Path(ex.BUNDLE_ROOT) / f) for f in ("configs/train.yaml", "configs/methods/cmer.yaml")])
     parser.update({**dict(run.overrides), "base_channels": 4, "bundle_root": str(ex.BUNDLE_ROOT)})

@@ -9,6 +9,7 @@ import pytest
 
 from tools import experiment_report as rep
 from tools import experiment_stats as st
+from tools import experiment_tables as tab
 
 ROOT = Path(__file__).resolve().parents[2]
 MAPS = ("t1", "t1c", "t2", "flair", "fused")
@@ -71,19 +72,19 @@ def test_missing_runs_give_inconclusive_claims_and_empty_tables():
     del data["runs"]["er_cmer"]
     claims = {c["claim"]: c for c in rep.compare_claims(data)}
     assert claims["Table III: ER + CMER > KD + ER"]["verdict"] == st.INCONCLUSIVE
-    assert "er_cmer" not in rep.table_iii(data)
+    assert "er_cmer" not in tab.table_iii(data)
 
 
 def test_the_page_shows_the_numbers_of_the_document():
     data = _document()
-    page = rep.render_page(data, title="Experiments")
+    page = tab.render_page(data, title="Experiments")
     for heading in ("Table II analogue", "Table I analogue", "Table III analogue", "Table IV analogue",
                     "Table V analogue", "Improvement switches", "paired per volume", "Training wall time"):
         assert heading in page
     cmer = data["summary"]["cmer"]["fused"]
     low, high = cmer["dsc_ci"]
     assert f"{100 * cmer['dsc_mean']:.1f} ± {100 * cmer['dsc_std']:.1f} [{100 * low:.1f}, {100 * high:.1f}]" in page
-    assert "| cmer (pair) |" in page and "| cmer_deeplab |" in page and "**reproduced**" in page
+    assert "| CMER trained on the pair |" in page and "| cmer_deeplab |" in page and "**reproduced**" in page
     assert "![sweep_fused](sweep_fused.png)" in page
     assert data["commit"] in page and data["command"] in page
 
@@ -93,7 +94,7 @@ def test_write_docs_renders_results_json_and_copies_the_figures(tmp_path):
     out.mkdir()
     (out / "results.json").write_text(json.dumps(_document()))
     (out / "sweep_fused.png").write_bytes(b"png")
-    page = rep.write_docs(out / "results.json", tmp_path / "docs" / "results.md")
+    page = tab.write_docs(out / "results.json", tmp_path / "docs" / "results.md")
     text = page.read_text()
     assert text.startswith("# Results on the embedded phantom") and "Do not edit by hand" in text
     assert "![results_sweep_fused](figures/results_sweep_fused.png)" in text

@@ -2,6 +2,7 @@
 
 import json
 
+from scripts.precision import resolve_precision
 from tools import experiments
 
 TINY = ["--set", "epochs=1", "base_channels=4", "phantom#spacing=6.0", "spatial_size=[40,40]", "batch_size=8"]
@@ -15,12 +16,13 @@ def test_quick_experiments_write_every_table_and_figure(tmp_path):
     for heading in ("Table II analogue", "Table I analogue", "Table III analogue", "Table V analogue",
                     "paired per volume"):
         assert heading in tables
-    for run in ("| cam |", "| seam_all |", "| cmer |", "| stage2 |", "cmer (pair)"):
+    for run in ("| CAM |", "| SEAM (all) |", "| CMER (proposed) |", "| stage 2, `auto` pseudo-masks |",
+                "CMER trained on the pair", "CMER (proposed) (GradCAM++)"):
         assert run in tables
     data = json.loads((out / "results.json").read_text())
     assert data["seeds"] == [0, 1]
     summary = data["summary"]
-    assert {"cam", "seam_all", "cmer", "stage2", "cmer_t1_t2", "cam@t1_t2"} <= set(summary)
+    assert {"cam", "seam_all", "cmer", "stage2", "cmer_t1_t2", "cam@t1_t2", "cmer.gradcampp"} <= set(summary)
     for name in ("cam", "cmer", "stage2"):
         assert 0.0 <= summary[name]["fused"]["dsc_mean"] <= 1.0
     # every seed: its own phantom, split and runs; the pair run for the first seed only
@@ -36,6 +38,12 @@ def test_quick_experiments_write_every_table_and_figure(tmp_path):
     claims = {c["claim"]: c for c in data["comparisons"]}
     assert claims["CMER > CAM"]["n"] == summary["cmer"]["fused"]["dsc_n"] == 4  # 2 test volumes a seed
     assert claims["CMER > CAM"]["verdict"] == "inconclusive"  # too few pairs
+    # one record per finished run, with the provenance a table needs and no weights
+    record = json.loads((out / "records" / "seed1" / "cmer.json").read_text())
+    assert record["precision"] == resolve_precision("auto", "cpu") and record["machine"]["torch"] and record["commit"]
+    assert record["recipe"]["epochs"] == 1 and set(record["evaluations"]) == {"cmer"}  # extra read-outs: seed 0
+    assert "cmer.gradcampp" in json.loads((out / "records" / "seed0" / "cmer.json").read_text())["evaluations"]
+    assert not list((out / "records").rglob("*.pt"))
     assert (out / "sweep_fused.png").stat().st_size > 0
     assert (out / "overlays.png").stat().st_size > 0
     # a second call reuses the trained models, keeps the other runs' rows and writes the docs page
@@ -46,12 +54,13 @@ def test_quick_experiments_write_every_table_and_figure(tmp_path):
                       *TINY])
     assert model.stat().st_mtime == before
     page = docs.read_text()
-    assert "| cmer |" in page and "| cam |" in page and (docs.parent / "figures" / "results_sweep_fused.png").is_file()
+    assert "| CMER (proposed) |" in page and "| CAM |" in page and (docs.parent / "figures" / "results_sweep_fused.png").is_file()
     assert json.loads((out / "results.json").read_text())["commit"] in page
-    # the tables again from results.json alone
+    # the tables again from the records alone (the plan, seeds and --set read back from them)
     (out / "tables.md").unlink()
     assert experiments.main(["--out", str(out), "--report-only"]) == 0
-    assert "| stage2 |" in (out / "tables.md").read_text()
+    assert "| stage 2, `auto` pseudo-masks |" in (out / "tables.md").read_text()
+    assert json.loads((out / "results.json").read_text())["seeds"] == [0, 1]
 
 
 def test_fixed_data_keep_the_data_and_vary_the_split(tmp_path):
@@ -61,3 +70,4 @@ def test_fixed_data_keep_the_data_and_vary_the_split(tmp_path):
     assert not (data / "datalist.json").exists()  # the data folder is left as it is
     assert json.loads((out / "splits" / "seed3" / "datalist.json").read_text())["seed"] == 3
     assert set(json.loads((out / "results.json").read_text())["runs"]) == {"cam", "cam@t1_t2"}
+    assert json.loads((out / "records" / "seed3" / "cam.json").read_text())["dataset_dir"] == "data"

@@ -1,0 +1,262 @@
+"""The page of `tools.experiments`: the paper's Tables I-V and Fig. 3 analogues rendered from results.json.
+
+Every cell is computed from the document's per-volume rows (`tools.experiment_report.cell`) and
+shows, where the paper has one, the paper's number beside it (`tools.paper_numbers`). The same
+text is tables.md (next to results.json) and the docs page (`write_docs`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+from scripts.common import atomic_write_text
+from tools import paper_numbers as paper
+from tools.experiment_report import (ABLATIONS, BASELINES, DEEPLAB_RUN, MAIN_ROWS, MAP_ORDER, SWITCH_PREFIX, cell,
+                                     map_names, run_summary, transform_runs)
+
+READOUT = "gradcampp"
+LABELS = {"cam": "CAM", "seam_scale": "SEAM (scale)", "seam_all": "SEAM (all)", "cmer": "CMER (proposed)",
+          "stage2": "stage 2, `auto` pseudo-masks", "stage2_all": "stage 2, all four maps fused (the paper's)",
+          "full_supervision": "full supervision (upper bound)"}
+
+
+def _num(value, scale: float = 1.0, digits: int = 1) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{scale * value:.{digits}f}"
+
+
+def fmt_cell(c: dict, scale: float = 1.0, reference: float | None = None) -> str:
+    """'mean ± std [ci_low, ci_high]' (+ ' · *paper x*' with a `reference`); '-' for an empty cell."""
+    if not c["n"]:
+        text = "-"
+    else:
+        text = f"{_num(c['mean'], scale)} ± {_num(c['std'], scale)}"
+        if c["ci_low"] is not None and math.isfinite(c["ci_low"]):
+            text += f" [{_num(c['ci_low'], scale)}, {_num(c['ci_high'], scale)}]"
+    return text if reference is None else f"{text} · *{reference:.1f}*"
+
+
+def _dsc(data, run, name, seeds=None, reference=None) -> str:
+    return fmt_cell(cell(data, run, name, "dsc", seeds), 100.0, reference)
+
+
+def _assd(data, run, name, seeds=None, reference=None) -> str:
+    return fmt_cell(cell(data, run, name, "assd", seeds), 1.0, reference)
+
+
+def _n_seeds(data, run, seeds=None) -> str:
+    names = map_names(data, run)
+    c = cell(data, run, "fused" if "fused" in names else names[0], "dsc", seeds)
+    return f"{c['n']} ({c['seeds']})"
+
+
+def _first(data) -> list:
+    return data["seeds"][:1]
+
+
+def table_ii(data: dict, metric: str = "dsc", runs=MAIN_ROWS, seeds=None) -> str:
+    """Four modalities: methods x (T1, T2, T1c, FLAIR, fused), DSC % or ASSD mm, the paper's mean in italics."""
+    fmt = _dsc if metric == "dsc" else _assd
+    lines = ["| method | " + " | ".join(MAP_ORDER) + " | volumes (seeds) |", "|---" * (len(MAP_ORDER) + 2) + "|"]
+    for run in (r for r in runs if r in data["runs"]):
+        label = LABELS.get(run.split(".")[0], run) + (" (GradCAM++)" if "." in run else "")
+        cells = [fmt(data, run, n, seeds, paper.table_ii(run, n, metric)) for n in MAP_ORDER]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_n_seeds(data, run, seeds)} |")
+    return "\n".join(lines) + "\n"
+
+
+def table_gradcampp(data: dict) -> str:
+    """The paper's second block: the GradCAM++ read-out of the same networks (first seed), DSC %."""
+    return table_ii(data, "dsc", [f"{r}.{READOUT}" for r in BASELINES + ("cmer",)], _first(data))
+
+
+def table_i(data: dict) -> str:
+    """Pairs (first seed): each pair's two modalities and their fusion, per method, DSC %."""
+    first = _first(data)
+    blocks = []
+    for a, b in data["pairs"]:
+        key = f"{a}_{b}"
+        lines = [f"**{a.upper()} - {b.upper()}**", "", f"| method | {a} | {b} | fused |", "|---|---|---|---|"]
+        rows = [(LABELS[m], f"{m}@{key}", m) for m in BASELINES + ("full_supervision",)]
+        rows.append(("CMER trained on the pair", f"cmer_{key}", "cmer"))
+        for label, run, method in rows:
+            if run in data["runs"]:
+                refs = paper.TABLE_I.get(key, {}).get(method, (None, None, None))
+                lines.append(f"| {label} | " + " | ".join(_dsc(data, run, n, first, ref)
+                                                         for n, ref in zip((a, b, "fused"), refs)) + " |")
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
+def table_iii(data: dict) -> str:
+    """Ablation of the terms (first seed, four modalities): fused DSC % and ASSD mm."""
+    first = _first(data)
+    flags = {"kd_only": "✓ | - | -", "kd_er": "✓ | ✓ | -", "er_cmer": "- | ✓ | ✓", "cmer": "✓ | ✓ | ✓"}
+    lines = ["| L_KD | L_ER | L_CMER | fused DSC | fused ASSD | T1 | T2 | T1c | FLAIR |", "|---" * 9 + "|"]
+    for run in (r for r in ABLATIONS if r in data["runs"]):
+        dsc_ref, assd_ref = paper.TABLE_III.get(run, (None, None))
+        per_map = " | ".join(_dsc(data, run, m, first) for m in ("t1", "t2", "t1c", "flair"))
+        lines.append(f"| {flags[run]} | {_dsc(data, run, 'fused', first, dsc_ref)} | "
+                     f"{_assd(data, run, 'fused', first, assd_ref)} | {per_map} |")
+    return "\n".join(lines) + "\n"
+
+
+def _per_map_table(data: dict, runs, seeds, labels=None) -> str:
+    lines = ["| run | " + " | ".join(MAP_ORDER) + " |", "|---" * (len(MAP_ORDER) + 1) + "|"]
+    for label, run in (labels or {r: r for r in runs}).items():
+        if run in data["runs"]:
+            lines.append(f"| {label} | " + " | ".join(_dsc(data, run, n, seeds) for n in MAP_ORDER) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table_iv(data: dict) -> str:
+    """Backbones (first seed): CMER with the U-Net against CMER with DeepLab, DSC %."""
+    return _per_map_table(data, ("cmer", DEEPLAB_RUN), _first(data))
+
+
+def table_transforms(data: dict) -> str:
+    """Fig. 3 as numbers (first seed): CMER with one transform kind at a time against none and all, DSC %."""
+    return _per_map_table(data, (), _first(data), transform_runs())
+
+
+def table_switches(data: dict) -> str:
+    """The default against each improvement switch (first seed), DSC %."""
+    return _per_map_table(data, ["cmer"] + sorted(r for r in data["runs"] if r.startswith(SWITCH_PREFIX)),
+                          _first(data))
+
+
+def table_v(data: dict) -> str:
+    """r_u = FN/TP and r_o = FP/TP at the threshold, pooled over the test volumes of every seed."""
+    runs = [r for r in ("seam_scale", "seam_all", "cmer") if r in data["runs"]]
+    summaries = {r: run_summary(data, r) for r in runs}
+    lines = ["| modality | ratio | " + " | ".join(runs) + " |", "|---|---|" + "---|" * len(runs)]
+    for name in MAP_ORDER[:-1]:  # the modalities in the paper's order
+        for i, ratio in enumerate(("r_u", "r_o")):
+            values = []
+            for r in runs:
+                ref = paper.TABLE_V.get(r, {}).get(name)
+                text = _num(summaries[r].get(name, {}).get(f"{ratio}_pooled"), digits=2)
+                values.append(text if ref is None else f"{text} · *{ref[i]:.2f}*")
+            lines.append(f"| {name} | {ratio} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table_claims(data: dict) -> str:
+    """The paired tests of the paper's claims: difference, interval, Wilcoxon p, verdict."""
+    conf = _num(100 * data["statistics"]["confidence"], digits=0)
+    lines = [f"| claim | pairs | better | worse | difference [{conf} % CI] | Wilcoxon p | verdict | reason |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in data["comparisons"]:
+        diff = f"{_num(c['mean_difference'], 100)} [{_num(c['ci_low'], 100)}, {_num(c['ci_high'], 100)}]"
+        p = "-" if c["p_value"] is None else f"{c['p_value']:.3g}"
+        lines.append(f"| {c['claim']} | {c['n']} | {_num(c['mean_better'], 100)} | {_num(c['mean_worse'], 100)} "
+                     f"| {diff} | {p} | **{c['verdict']}** | {c['reason']} |")
+    return "\n".join(lines) + "\n"
+
+
+def missing_seeds(data: dict) -> dict:
+    """{main row: seeds it has} for every main row with fewer seeds than the plan."""
+    wanted = len(data["seeds"])
+    have = {run: len(data["runs"].get(run, {})) for run in MAIN_ROWS}
+    return {run: n for run, n in have.items() if n < wanted}
+
+
+def _machine_lines(data: dict) -> list[str]:
+    machines = data.get("machines") or [{**data.get("machine", {}), "runs": [], "commits": [data.get("commit")]}]
+    lines = []
+    for m in machines:
+        where = f"{m.get('cpu')}, {m.get('cores')} cores" + (f", {m['gpu']}" if m.get("gpu") else "")
+        runs = f"{len(m['runs'])} runs" if m.get("runs") else ""
+        lines.append(f"| machine | {where}; {m.get('device')}, {m.get('precision')}; torch {m.get('torch')}, monai "
+                     f"{m.get('monai')}; commits {', '.join(str(c) for c in m.get('commits', []))}; {runs} |")
+    return lines
+
+
+def _setting_lines(data: dict) -> list[str]:
+    lines = ["| | value |", "|---|---|", *[f"| command | `{c}` |" for c in data.get("commands", [data["command"]])],
+             f"| rendered | {data['date']}, commit {data['commit']} |", *_machine_lines(data),
+             f"| seeds | {', '.join(str(s) for s in data['seeds'])} (the first: one-seed rows) |",
+             f"| data | {data['dataset']} |"]
+    if data.get("recipe"):
+        lines.append("| recipe | " + ", ".join(f"{k} {json.dumps(v)}" for k, v in data["recipe"].items()) + " |")
+    for key, s in data["settings"].items():
+        lines.append(f"| settings {key} | " + ", ".join(f"{k} {json.dumps(v)}" for k, v in s.items()) + " |")
+    return lines
+
+
+def _status_lines(data: dict) -> list[str]:
+    lines = []
+    missing = missing_seeds(data)
+    if missing:
+        lines += [f"> **Incomplete.** Main rows with fewer than {len(data['seeds'])} seeds: "
+                  + ", ".join(f"{run} ({n})" for run, n in missing.items())
+                  + ". The plan continues across sessions (records under "
+                  f"`{Path(data.get('records', 'records')).name}/`); every number below is from the runs recorded so far.",
+                  ""]
+    for v in data.get("variants") or []:
+        lines += [f"> **Mixed (--allow-mixed):** precision {v['precision']} for {', '.join(v['runs'])}.", ""]
+    return lines
+
+
+def render_page(data: dict, figure_dir: str = "", title: str = "Experiments", note: str = "") -> str:
+    """The whole markdown page (tables.md or the docs page) from a results.json object.
+
+    `figure_dir` is the folder of the figures relative to the page ('' = next to it).
+    """
+    s = data["statistics"]
+    conf, alpha = _num(100 * s["confidence"], digits=0), s["alpha"]
+    figures = [f"{figure_dir}{name}" for name in data.get("figures", [])]
+    parts = [
+        f"# {title}", "", *([note, ""] if note else []), *_status_lines(data), *_setting_lines(data), "",
+        f"Per-volume 3D DSC (%) and ASSD (mm) on the test split: mean ± std over the test volumes of every "
+        f"seed pooled, then the {conf} % interval of the mean in brackets: a t interval on the per-seed means "
+        f"when a cell has two or more seeds, else a percentile bootstrap over the volumes "
+        f"({s['bootstrap_samples']} resamples, seed {s['bootstrap_seed']}); `tools/experiment_stats.py`. "
+        "In italics after a cell: the paper's mean on BraTS 2019 (ASSD there in voxels of 1 mm).", "",
+        "## Table II analogue: four modalities, DSC (%)", "", table_ii(data),
+        "## Table II analogue: four modalities, ASSD (mm)", "", table_ii(data, "assd"),
+        "## Table II, second block: GradCAM++ read-out of the same networks (DSC %, first seed)", "",
+        table_gradcampp(data),
+        "## Table I analogue: pairs (DSC %, first seed)", "", table_i(data),
+        "## Table III analogue: ablation of the terms (four modalities, first seed)", "", table_iii(data),
+        "## Fig. 3 analogue: one transform kind in the equivariance terms (DSC %, first seed)", "",
+        table_transforms(data),
+        "## Table IV analogue: backbone (DSC %, first seed; the paper's DeepLab rows are pairs: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in paper.TABLE_IV_PROPOSED.items()) + ")", "", table_iv(data),
+        "## Table V analogue: r_u = FN/TP, r_o = FP/TP (pooled over volumes and seeds)", "", table_v(data),
+        "## Improvement switches (DSC %, first seed)", "", table_switches(data),
+        "## The paper's claims, paired per volume", "",
+        f"Volumes paired by seed and subject; difference = better - worse in DSC points; {conf} % paired "
+        f"bootstrap interval; two-sided Wilcoxon signed-rank test. Reproduced: the paper's direction and "
+        f"p < {alpha:g}; not reproduced: the opposite direction and p < {alpha:g}; inconclusive otherwise "
+        f"(also with fewer than {s['min_pairs']} non-zero differences, or a run not recorded yet).", "",
+        table_claims(data),
+        "## Figures", "", *[f"![{Path(f).stem}]({f})" for f in figures], "",
+        "## Training wall time (s)", "", "| run | seconds |", "|---|---|",
+        *[f"| {k} | {_num(v, digits=0)} |" for k, v in data["wall_seconds"].items()], "",
+    ]
+    return "\n".join(parts)
+
+
+def write_docs(results_json: str | os.PathLike, docs_path: str | os.PathLike) -> Path:
+    """Write the docs page from results.json; the figures are copied to <docs folder>/figures/results_*."""
+    results_json, docs_path = Path(results_json), Path(docs_path)
+    data = json.loads(results_json.read_text())
+    figure_dir = docs_path.parent / "figures"
+    copied = []
+    for name in data.get("figures", []):
+        source = results_json.parent / name
+        if source.is_file():
+            figure_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, figure_dir / f"results_{name}")
+            copied.append(f"results_{name}")
+    note = ("Generated by `python -m tools.experiments` (the commands below, with `--report-only --write-docs`) "
+            "from the committed run records; every number on this page comes from them. Do not edit by hand: "
+            "rerun the command.")
+    text = render_page({**data, "figures": copied}, "figures/", "Results on the embedded phantom", note)
+    atomic_write_text(docs_path, text)
+    return docs_path
+
