@@ -47,12 +47,18 @@ def sweep_figures(data: dict, out_dir: Path) -> list[Path]:
     return written
 
 
-def _overlay_parser(config_files: list[str], overrides: dict):
+def seed_parser(config_files: list[str], overrides: dict):
+    """The runs' configs, with the seed's datalist written as training writes it when this machine has none."""
     from monai.bundle import ConfigParser
+
+    from scripts.data.datalist import ensure_dataset
 
     parser = ConfigParser()
     parser.read_config(config_files)
     parser.update(overrides)
+    get = parser.get_parsed_content
+    ensure_dataset(get("dataset_dir"), datalist=get("datalist_path"), phantom=get("phantom"), split=get("split"),
+                   seed=get("seed"), make_phantom=get("make_phantom"), allow_missing=get("allow_missing"))
     return parser
 
 
@@ -77,7 +83,7 @@ def overlay_masks(ckpt, run_name: str, config_files: list[str], overrides: dict)
     from scripts.workflows.map_engine import volume_maps
     from tools.experiment_records import pack_mask
 
-    parser = _overlay_parser(config_files, overrides)
+    parser = seed_parser(config_files, overrides)
     subject, image, truth = _test_volume(parser)
     z = int(truth.flatten(0, 1).sum(0).argmax())
     modalities = list(parser.get_parsed_content("modalities"))
@@ -107,7 +113,7 @@ def overlay_figure(overlays: dict, config_files: list[str], overrides: dict, out
 
     first = next(iter(overlays.values()))
     subject, z = first["subject"], int(first["slice"])
-    _, image, truth = _test_volume(_overlay_parser(config_files, overrides), subject)
+    _, image, truth = _test_volume(seed_parser(config_files, overrides), subject)
     rows = {run: {name: unpack_mask(text, o["shape"]) for name, text in o["masks"].items()}
             for run, o in overlays.items() if o["subject"] == subject and int(o["slice"]) == z}
     images = {m: image[k, :, :, z].numpy() for k, m in enumerate(MODALITIES)}
@@ -124,7 +130,7 @@ def transform_figure(data: dict, out_dir: Path, runs: dict) -> Path | None:
 
     first = data["seeds"][:1]
     present = {label: run for label, run in runs.items() if run in data["runs"]}
-    if not present:
+    if len(present) < 2:  # nothing to compare yet
         return None
     fig = Figure(figsize=(8.0, 3.2), dpi=110)
     FigureCanvasAgg(fig)

@@ -231,9 +231,10 @@ def update_metadata(data: dict, metadata_path: str | os.PathLike, run: str = "cm
     first = next(iter(data["settings"].values()), {})
     split = first.get("split_counts", {})
     volumes = summary.get("fused", next(iter(summary.values())))["dsc_n"]
+    seeds = [int(s) for s in data["seeds"] if seed_key(s) in data["runs"].get(run, {})]  # the ones recorded
     description = (f"{data['dataset']}; {first.get('phantom', {}).get('subjects', '?')} subjects at "
                    f"{first.get('spacing', '?')} mm per seed, test split {split.get('testing', '?')} volumes per "
-                   f"seed, seeds {data['seeds']}, {volumes} test volumes in all; see docs/results.md")
+                   f"seed, seeds {seeds}, {volumes} test volumes in all; see docs/results.md")
     metrics = {"dataset": description}
     metrics.update({f"mean_dice_{n}": round(summary[n]["dsc_mean"], 3) for n in ("fused",) + MODALITIES
                     if n in summary and summary[n]["dsc_mean"] is not None})

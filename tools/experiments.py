@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -118,6 +119,73 @@ def _portable(path: str | None) -> str | None:
         return str(Path(path).resolve().relative_to(BUNDLE_ROOT))
     except ValueError:
         return Path(path).name
+
+
+# ----------------------------------------------------------------------------- runs at once
+
+
+def _child_command(run: Run, args) -> list[str]:
+    """This command line for one run (`--runs seed<s>/<name>`), without a report: a child of `run_parallel`."""
+    command = [sys.executable, "-m", "tools.experiments", "--out", str(Path(args.out).resolve()), "--records",
+               str(Path(args.records).resolve()) if args.records else str(Path(args.out).resolve() / "records"),
+               "--runs", run.key, "--no-report", "--command", args.command or command_line(args.argv)]
+    if args.seeds:
+        command += ["--seeds", *map(str, args.seeds)]
+    if args.quick:
+        command.append("--quick")
+    if args.dataset_dir:
+        command += ["--dataset-dir", str(Path(args.dataset_dir).resolve())]
+    if args.device:
+        command += ["--device", args.device]
+    if args.allow_mixed:
+        command.append("--allow-mixed")
+    return command + (["--set", *args.set] if args.set else [])
+
+
+def run_parallel(plan: Plan, out_dir: Path, common: dict, records_dir: Path, args) -> list[str]:
+    """`--jobs N`: the runs without a record, N at once, each in its own process (`_child_command`, log in
+    <out>/logs/); a stage-2 run starts once its stage-1 run of the same seed is recorded. For a machine with
+    an accelerator and many cores, where one small training leaves it mostly idle. Returns the failed runs."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    rec.check_uniform(rec.load_records(records_dir, _plan_names(plan), set(plan.seeds)), args.allow_mixed,
+                      expected_variant(plan, common))
+    for seed in plan.seeds:  # each seed's split written once, before its runs race to write it
+        figs.seed_parser(_config_files("configs/train.yaml", *plan.presets),
+                         run_overrides(Run("cam", "cam", seed=seed), plan, out_dir, common))
+    pending = [r for r in selected(plan, set(args.runs or []))
+               if not rec.record_path(records_dir, r.seed, r.name).is_file()]
+    env = {**os.environ, "NVIDIA_TF32_OVERRIDE": "0"}  # fp32 on a GPU means fp32, not TF32 convolutions
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+    def launch(run: Run) -> int:
+        with open(out_dir / "logs" / f"{seed_key(run.seed)}_{run.name}.log", "w") as log:
+            print(f"[start] {run.key}", flush=True)
+            return subprocess.run(_child_command(run, args), cwd=BUNDLE_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  env=env, check=False).returncode
+
+    def ready(run: Run) -> bool:
+        return not run.stage1 or rec.record_path(records_dir, run.seed, run.stage1).is_file()
+
+    failed, running = [], {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        while pending or running:
+            for run in [r for r in pending if ready(r)][: args.jobs - len(running)]:
+                pending.remove(run)
+                running[pool.submit(launch, run)] = run
+            if not running:  # what is left waits for a stage-1 run that failed
+                failed += [r.key for r in pending]
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = running.pop(future)
+                code = future.result()
+                print(f"[{'done' if code == 0 else f'failed ({code})'}] {run.key}", flush=True)
+                if code != 0:
+                    failed.append(run.key)
+    return failed
 
 
 # ----------------------------------------------------------------------------- report
@@ -208,6 +276,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="e.g. cpu or cuda:0 (default: cuda when available)")
     parser.add_argument("--set", nargs="*", default=[], metavar="ID=VALUE",
                         help="config overrides for every run, e.g. epochs=4 (values parsed as JSON when they can be)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, each in its own process (a GPU machine; 1 on a small CPU)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per run with --jobs (0: torch's default)")
+    parser.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # a --jobs child ...
+    parser.add_argument("--command", help=argparse.SUPPRESS)  # ... records its parent's command
     parser.add_argument("--allow-mixed", action="store_true",
                         help="accept records of other precisions or recipes in one table (the page lists them)")
     parser.add_argument("--write-docs", metavar="PATH", help="also write the results page (e.g. docs/results.md)")
@@ -249,6 +322,7 @@ def main(argv=None) -> int:
     """Command line: run the plan (runs without a record), then results.json, figures and tables from the records."""
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out_dir = Path(args.out).resolve()
     records_dir = Path(args.records).resolve() if args.records else out_dir / "records"
@@ -262,13 +336,21 @@ def main(argv=None) -> int:
     common = {"bundle_root": str(BUNDLE_ROOT)}
     if args.device:
         common["device"] = f"$torch.device('{args.device}')"
-    start = time.time()
+    start, failed = time.time(), []
     try:
         if not args.report_only:
-            command = command_line(argv if argv is not None else sys.argv[1:])
+            command = args.command or command_line(args.argv)
             # tables after every recorded run, so an interrupted experiment still shows what it measured
             partial = lambda: write_report(plan, out_dir, common, records_dir, False, args.allow_mixed)  # noqa: E731
-            run_plan(plan, out_dir, common, records_dir, set(args.runs or []), partial, command, args.allow_mixed)
+            if args.jobs > 1:
+                failed = run_parallel(plan, out_dir, common, records_dir, args)
+                if failed:
+                    print(f"failed runs (logs in {out_dir / 'logs'}): {' '.join(failed)}", flush=True)
+            else:
+                run_plan(plan, out_dir, common, records_dir, set(args.runs or []),
+                         None if args.no_report else partial, command, args.allow_mixed)
+            if args.no_report:
+                return 0
         page = write_report(plan, out_dir, common, records_dir, allow_mixed=args.allow_mixed)
     except rec.MixedRecords as err:
         parser.exit(2, f"error: {err}\n")
@@ -279,7 +361,7 @@ def main(argv=None) -> int:
         data = json.loads((out_dir / "results.json").read_text())
         metrics = report.update_metadata(data, BUNDLE_ROOT / "configs" / "metadata.json")
         print(f"configs/metadata.json eval_metrics: {metrics}", flush=True)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -71,3 +71,18 @@ def test_fixed_data_keep_the_data_and_vary_the_split(tmp_path):
     assert json.loads((out / "splits" / "seed3" / "datalist.json").read_text())["seed"] == 3
     assert set(json.loads((out / "results.json").read_text())["runs"]) == {"cam", "cam@t1_t2"}
     assert json.loads((out / "records" / "seed3" / "cam.json").read_text())["dataset_dir"] == "data"
+
+
+def test_jobs_run_at_once_in_their_own_processes_and_stage2_waits_for_its_stage1(tmp_path):
+    out = tmp_path / "results"
+    argv = ["--out", str(out), "--quick", "--seeds", "0", "--runs", "cam", "cmer", "stage2", "--jobs", "2",
+            "--threads", "1", *TINY]
+    assert experiments.main(argv) == 0
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "records" / "seed0").glob("*.json")}
+    assert set(records) == {"cam", "cmer", "stage2"}
+    # every child records the parent's command, not its own
+    assert {r["command"] for r in records.values()} == {experiments.command_line(argv)}
+    assert records["stage2"]["stage1_is_recorded_model"] is True  # it learnt from the recorded CMER weights
+    assert (out / "logs" / "seed0_stage2.log").is_file() and (out / "tables.md").is_file()
+    assert experiments.main(argv) == 0  # everything recorded: nothing runs again
+    assert json.loads((out / "records" / "seed0" / "cmer.json").read_text())["date"] == records["cmer"]["date"]
