@@ -145,9 +145,12 @@ def table_v(data: dict) -> str:
 
 
 def table_claims(data: dict) -> str:
-    """The paired tests of the paper's claims: difference, interval, Wilcoxon p, verdict."""
+    """The paired tests of the paper's claims: a count per verdict, then difference, interval, Wilcoxon p, verdict."""
     conf = _num(100 * data["statistics"]["confidence"], digits=0)
-    lines = [f"| claim | pairs | better | worse | difference [{conf} % CI] | Wilcoxon p | verdict | reason |",
+    counts = {}
+    for c in data["comparisons"]:
+        counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1
+    lines = ["Verdicts: " + ", ".join(f"{verdict} {n}" for verdict, n in counts.items()) + ".", "",f"| claim | pairs | better | worse | difference [{conf} % CI] | Wilcoxon p | verdict | reason |",
              "|---|---|---|---|---|---|---|---|"]
     for c in data["comparisons"]:
         diff = f"{_num(c['mean_difference'], 100)} [{_num(c['ci_low'], 100)}, {_num(c['ci_high'], 100)}]"
@@ -232,7 +235,7 @@ def render_page(data: dict, figure_dir: str = "", title: str = "Experiments", no
         f"Volumes paired by seed and subject; difference = better - worse in DSC points; {conf} % paired "
         f"bootstrap interval; two-sided Wilcoxon signed-rank test. Reproduced: the paper's direction and "
         f"p < {alpha:g}; not reproduced: the opposite direction and p < {alpha:g}; inconclusive otherwise "
-        f"(also with fewer than {s['min_pairs']} non-zero differences, or a run not recorded yet).", "",
+        f"(also with fewer than {s['min_pairs']} non-zero differences); pending: a run not recorded yet.", "",
         table_claims(data),
         "## Figures", "", *[f"![{Path(f).stem}]({f})" for f in figures], "",
         "## Training wall time (s)", "", "| run | seconds |", "|---|---|",
