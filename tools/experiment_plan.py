@@ -73,7 +73,7 @@ class Plan:
 def full_plan(seeds=DEFAULT_SEEDS) -> Plan:
     """Every run of the paper's tables, ordered so an interrupted experiment has the most important first:
     per seed CMER, its two stage-2 runs (right after it: they need its model.pt) and the baselines;
-    then the Table III ablations, full supervision for every seed, the Fig. 3 transform runs, the
+    then full supervision for every seed (the last main row), the Table III ablations, the Fig. 3 transform runs, the
     pair runs, the DeepLab backbone and the switches (first seed)."""
     seeds = tuple(int(s) for s in seeds)
     first = seeds[0]
@@ -82,8 +82,8 @@ def full_plan(seeds=DEFAULT_SEEDS) -> Plan:
         runs += [Run("cmer", "cmer", seed=s), Run("stage2", "cmer", seed=s, stage1="cmer"),
                  Run("stage2_all", "cmer", overrides=STAGE2_ALL, seed=s, stage1="cmer")]
         runs += [Run(m, m, seed=s) for m in ("cam", "seam_all", "seam_scale")]
-    runs += [Run(m, m, seed=first) for m in ABLATIONS if m != "cmer"]
     runs += [Run("full_supervision", "full_supervision", seed=s) for s in seeds]
+    runs += [Run(m, m, seed=first) for m in ABLATIONS if m != "cmer"]
     runs += [dataclasses.replace(r, seed=first) for r in TRANSFORM_RUNS]
     runs += [Run(f"cmer_{a}_{b}", "cmer", (a, b), seed=first) for a, b in PAIRS]
     runs.append(Run(DEEPLAB_RUN, "cmer", overrides=(("backbone", "deeplab"),), seed=first))

@@ -29,6 +29,9 @@ def test_main_rows_run_for_every_seed_the_rest_for_the_first():
     # each seed's CMER, its two stage-2 runs (they need its model.pt) and the baselines come first
     assert [r.key for r in plan.runs[:7]] == ["seed3/cmer", "seed3/stage2", "seed3/stage2_all", "seed3/cam",
                                              "seed3/seam_all", "seed3/seam_scale", "seed1/cmer"]
+    # full supervision (the last main row) comes before every one-seed run
+    keys = [r.key for r in plan.runs]
+    assert keys[18:21] == ["seed3/full_supervision", "seed1/full_supervision", "seed2/full_supervision"]
     stage2 = [r for r in plan.runs if r.name.startswith("stage2")]
     assert all(r.stage1 == "cmer" for r in stage2)
     assert dict(next(r for r in plan.runs if r.name == "stage2_all").overrides) == {"pseudo_modalities": None}
