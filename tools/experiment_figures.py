@@ -12,11 +12,13 @@ from scripts.common import MODALITIES
 MAP_NAMES = ("t1", "t2", "t1c", "flair", "fused")
 OVERLAYS = "overlays.png"
 TRANSFORMS = "transforms.png"
+CURVES = "curves.png"
+CURVE_RUNS = ("cam", "seam_scale", "seam_all", "cmer")  # the main stage-1 rows
 
 
 def figure_names(out_dir: Path) -> list[str]:
     """The figure files present in `out_dir`, sweeps in the paper's map order, then the overlays."""
-    names = [f"sweep_{n}.png" for n in MAP_NAMES] + [TRANSFORMS, OVERLAYS]
+    names = [f"sweep_{n}.png" for n in MAP_NAMES] + [TRANSFORMS, CURVES, OVERLAYS]
     return [n for n in names if (out_dir / n).is_file()]
 
 
@@ -145,5 +147,40 @@ def transform_figure(data: dict, out_dir: Path, runs: dict) -> Path | None:
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     target = Path(out_dir) / TRANSFORMS
+    fig.savefig(target)
+    return target
+
+
+def curves_figure(data: dict, out_dir: Path, runs=CURVE_RUNS) -> Path | None:
+    """Training curves from the records: per epoch, validation DSC per map (top row) and slice accuracy per
+    modality (bottom row) of the main stage-1 runs, mean over the seeds that recorded curves."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    present = {run: list(data.get("curves", {}).get(run, {}).values()) for run in runs}
+    present = {run: curves for run, curves in present.items() if curves}
+    if not present:
+        return None
+    fig = Figure(figsize=(13.0, 5.0), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(MAP_NAMES), sharex=True, sharey=True)
+    for row, metric in enumerate(("val_dsc", "val_acc")):
+        for col, name in enumerate(MAP_NAMES):
+            ax = axes[row, col]
+            for run, curves in present.items():
+                n = min(len(c["epochs"]) for c in curves)
+                values = [[e.get(f"{metric}_{name}") for e in c["epochs"][:n]] for c in curves]
+                if n and all(isinstance(v, (int, float)) for vs in values for v in vs):
+                    ax.plot(np.arange(1, n + 1), 100 * np.mean(values, axis=0), marker=".", label=run)
+            ax.set_title(f"{name} {'DSC' if metric == 'val_dsc' else 'slice accuracy'}", fontsize=9)
+            ax.set_ylim(0, 100)
+            ax.grid(alpha=0.3)
+            if row == 1:
+                ax.set_xlabel("epoch")
+        axes[row, 0].set_ylabel("validation (%)")
+    axes[0, 0].legend(fontsize=7)
+    axes[1, -1].set_visible(False)  # the fused map has no classifier
+    fig.tight_layout()
+    target = Path(out_dir) / CURVES
     fig.savefig(target)
     return target

@@ -187,6 +187,18 @@ def run_summary(data: dict, run: str, seeds=None) -> dict:
     return summary
 
 
+def best_epochs(data: dict, run: str) -> dict[str, dict]:
+    """{seed key: the validation entry of the epoch with the best key metric} of a run's training curves
+    (the epoch whose weights were kept; `data['curves']`, empty when the records have none)."""
+    out = {}
+    for seed, curves in (data.get("curves") or {}).get(run, {}).items():
+        key, epochs = curves.get("key_metric"), curves.get("epochs") or []
+        scored = [e for e in epochs if isinstance(e.get(key), (int, float))]
+        if scored:
+            out[seed] = max(scored, key=lambda e: e[key])  # first of equal bests, as the checkpoint handler keeps
+    return out
+
+
 def compare_claims(data: dict, claims=CLAIMS) -> list[dict]:
     """The paired test of every claim (better run and map, worse run and map, label) on the document's rows."""
     seed = data.get("statistics", {}).get("bootstrap_seed", st.BOOTSTRAP_SEED)

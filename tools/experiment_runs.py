@@ -187,7 +187,18 @@ def stage1_record(run: Run, ctx: Context) -> dict:
         files = _config_files("configs/train.yaml", *plan.presets, f"configs/methods/{run.method}.yaml")
         overlay = figs.overlay_masks(model, run.name, files, {**overrides, "modalities": list(run.modalities)})
     return {"evaluations": evaluations, "settings": settings, "model_sha256": file_sha256(model), "overlay": overlay,
-            "wall_seconds": {"train": wall, "evaluate": time.time() - start}}
+            "wall_seconds": {"train": wall, "evaluate": time.time() - start}, "curves": validation_curves(folder)}
+
+
+def validation_curves(folder: Path) -> dict | None:
+    """A stage-1 run's training curves: per epoch, validation DSC per map and slice accuracy per modality
+    (train/validation_history.json, rounded to 4 digits); the evidence behind a weak row. None when absent."""
+    path = Path(folder) / "train" / "validation_history.json"
+    if not path.is_file():
+        return None
+    history = json.loads(path.read_text())
+    epochs = [{k: round(v, 4) if isinstance(v, float) else v for k, v in e.items()} for e in history.get("epochs", [])]
+    return {"key_metric": history.get("key_metric"), "epochs": epochs}
 
 
 def stage2_record(run: Run, ctx: Context, stage1_record: dict | None) -> dict:

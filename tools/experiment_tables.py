@@ -15,8 +15,8 @@ from pathlib import Path
 
 from scripts.common import atomic_write_text
 from tools import paper_numbers as paper
-from tools.experiment_report import (ABLATIONS, BASELINES, DEEPLAB_RUN, MAIN_ROWS, MAP_ORDER, SWITCH_PREFIX, cell,
-                                     map_names, run_summary, transform_runs)
+from tools.experiment_report import (ABLATIONS, BASELINES, DEEPLAB_RUN, MAIN_ROWS, MAP_ORDER, SWITCH_PREFIX,
+                                     best_epochs, cell, map_names, run_summary, transform_runs)
 
 READOUT = "gradcampp"
 LABELS = {"cam": "CAM", "seam_scale": "SEAM (scale)", "seam_all": "SEAM (all)", "cmer": "CMER (proposed)",
@@ -144,6 +144,28 @@ def table_v(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table_learning(data: dict) -> str:
+    """What each stage-1 network learnt: slice accuracy and DSC on the validation split at the kept epoch,
+    mean over the seeds with curves (the evidence for a weak row: a map cannot localise what its
+    classifier does not separate)."""
+    order = [r for r in (*BASELINES, "cmer", *ABLATIONS, "full_supervision") if best_epochs(data, r)]
+    if not order:
+        return "No run recorded its training curves yet.\n"
+    lines = ["| method | kept epoch | " + " | ".join(MAP_ORDER) + " | seeds |", "|---" * (len(MAP_ORDER) + 3) + "|"]
+    for run in dict.fromkeys(order):
+        best = list(best_epochs(data, run).values())
+        cells = []
+        for name in MAP_ORDER:
+            parts = []
+            for metric in ("val_acc", "val_dsc"):
+                values = [e[f"{metric}_{name}"] for e in best if isinstance(e.get(f"{metric}_{name}"), (int, float))]
+                parts.append(_num(100 * sum(values) / len(values)) if values else "-")
+            cells.append(" / ".join(parts))
+        epochs = ", ".join(str(e.get("epoch")) for e in best)
+        lines.append(f"| {LABELS.get(run, run)} | {epochs} | " + " | ".join(cells) + f" | {len(best)} |")
+    return "\n".join(lines) + "\n"
+
+
 def table_claims(data: dict) -> str:
     """The paired tests of the paper's claims: a count per verdict, then difference, interval, Wilcoxon p, verdict."""
     conf = _num(100 * data["statistics"]["confidence"], digits=0)
@@ -231,6 +253,9 @@ def render_page(data: dict, figure_dir: str = "", title: str = "Experiments", no
         + ", ".join(f"{k} {v:.1f}" for k, v in paper.TABLE_IV_PROPOSED.items()) + ")", "", table_iv(data),
         "## Table V analogue: r_u = FN/TP, r_o = FP/TP (pooled over volumes and seeds)", "", table_v(data),
         "## Improvement switches (DSC %, first seed)", "", table_switches(data),
+        "## Training: slice accuracy / DSC (%) on the validation split at the kept epoch (mean over seeds)", "",
+        "The classifier of each modality (slice tumour / healthy) and its map's DSC at the epoch whose weights "
+        "were kept (fused: no accuracy); per-epoch curves in the figure `curves` below.", "", table_learning(data),
         "## The paper's claims, paired per volume", "",
         f"Volumes paired by seed and subject; difference = better - worse in DSC points; {conf} % paired "
         f"bootstrap interval; two-sided Wilcoxon signed-rank test. Reproduced: the paper's direction and "

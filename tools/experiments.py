@@ -209,7 +209,7 @@ def results_document(plan: Plan, records_dir: Path, allow_mixed: bool = False) -
     """The results.json object built from the plan's records (every seed of the plan)."""
     records = rec.load_records(records_dir, _plan_names(plan), set(plan.seeds))
     variants = rec.check_uniform(records, allow_mixed)
-    runs, wall, settings, overlays = {}, {}, {}, {}
+    runs, wall, settings, overlays, curves = {}, {}, {}, {}, {}
     for (seed, name), record in sorted(records.items(), key=lambda item: (plan.seeds.index(item[0][0]), item[0][1])):
         for evaluation, rows in record["evaluations"].items():
             runs.setdefault(evaluation, {})[seed_key(seed)] = rows
@@ -218,6 +218,8 @@ def results_document(plan: Plan, records_dir: Path, allow_mixed: bool = False) -
             settings.setdefault(seed_key(seed), record["settings"])
         if seed == plan.seeds[0] and record.get("overlay"):
             overlays[name] = record["overlay"]
+        if record.get("curves"):
+            curves.setdefault(name, {})[seed_key(seed)] = record["curves"]
     dataset = ("phantom generated per seed (phantom seed = seed) into data/seed<s>" if plan.dataset_dir is None
                else f"{Path(plan.dataset_dir).name}, the same data for every seed (split seed = seed)")
     commands = list(dict.fromkeys(r.get("command", "") for r in records.values() if r.get("command")))
@@ -225,7 +227,7 @@ def results_document(plan: Plan, records_dir: Path, allow_mixed: bool = False) -
     data = report.build_document(
         command=commands[-1] if commands else "", seeds=plan.seeds, pairs=plan.pairs, runs=runs, wall=wall,
         settings=settings, machine=machines[0] if machines else {}, figures=[], dataset=dataset, commands=commands)
-    data.update(machines=machines, variants=variants if len(variants) > 1 else [], overlays=overlays,
+    data.update(machines=machines, variants=variants if len(variants) > 1 else [], overlays=overlays, curves=curves,
                 recipe=variants[0]["recipe"] if variants else {}, records=str(records_dir))
     return report.jsonable(data)
 
@@ -237,6 +239,7 @@ def write_report(plan: Plan, out_dir: Path, common: dict, records_dir: Path, fig
     if figures:
         figs.sweep_figures(data, out_dir)
         figs.transform_figure(data, out_dir, report.transform_runs())
+        figs.curves_figure(data, out_dir)
         if data["overlays"]:
             first = Run("cam", "cam", seed=plan.seeds[0])
             try:

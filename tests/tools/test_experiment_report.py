@@ -133,3 +133,25 @@ def test_sweep_curves_are_kept_in_the_record_and_averaged_over_seeds():
     curves = mean_curves(data, "fused")
     assert set(curves) == {"cmer"}
     assert curves["cmer"][0].tolist() == [0.25, 0.5, 0.75] and curves["cmer"][1] == pytest.approx([0.3] * 3)
+
+
+def test_training_curves_give_the_kept_epoch_table_and_figure(tmp_path):
+    from tools.experiment_figures import CURVES, curves_figure
+
+    def curves(peak_epoch, acc):
+        epochs = [{"epoch": e, "val_dsc_fused": 0.5 - 0.1 * abs(e - peak_epoch), "val_dsc_t1": 0.1 * e,
+                   "val_acc_t1": acc} for e in (1, 2, 3)]
+        return {"key_metric": "val_dsc_fused", "epochs": epochs}
+
+    data = {**_document(), "curves": {"cam": {"seed0": curves(2, 0.6), "seed1": curves(3, 0.8)}}}
+    kept = rep.best_epochs(data, "cam")
+    assert {seed: e["epoch"] for seed, e in kept.items()} == {"seed0": 2, "seed1": 3}
+    assert rep.best_epochs(data, "cmer") == {} and rep.best_epochs(_document(), "cam") == {}
+    table = tab.table_learning(data)
+    # t1: accuracy (60 + 80) / 2, DSC at the kept epochs (20 + 30) / 2; t2 has no curve values
+    assert "| CAM | 2, 3 | 70.0 / 25.0 | - / - |" in table and len(table.strip().splitlines()) == 3
+    assert "No run recorded" in tab.table_learning(_document())
+    assert "Training: slice accuracy" in tab.render_page(data)
+    target = curves_figure(data, tmp_path)
+    assert target == tmp_path / CURVES and target.stat().st_size > 0
+    assert curves_figure(_document(), tmp_path / "none") is None
