@@ -145,6 +145,34 @@ def table_v(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grade_of(subject: str) -> str | None:
+    """'HGG' / 'LGG' when the subject id names its grade (the phantom's ids do), else None."""
+    return next((g for g in ("HGG", "LGG") if g in str(subject).upper()), None)
+
+
+def table_by_grade(data: dict) -> str:
+    """DSC (%) of the main stage-1 rows split by tumour grade, mean over the volumes of every seed: HGG have an
+    enhancing rim (a T1c signal), LGG none. Empty when a subject id does not name its grade (e.g. BraTS ids)."""
+    runs = [r for r in (*BASELINES, "cmer") if r in data["runs"]]
+    rows = {r: [row for rec in data["runs"][r].values() for row in rec.get("rows", [])] for r in runs}
+    if not runs or not all(grade_of(row["subject"]) for r in runs for row in rows[r]):
+        return "The subject ids do not name the tumour grade.\n"
+    lines = ["| method | " + " | ".join(MAP_ORDER) + " | volumes HGG / LGG |", "|---" * (len(MAP_ORDER) + 2) + "|"]
+    for r in runs:
+        cells = []
+        for name in MAP_ORDER:
+            means = []
+            for grade in ("HGG", "LGG"):
+                v = [row["dsc"] for row in rows[r] if row["map"] == name and grade_of(row["subject"]) == grade
+                     and isinstance(row["dsc"], (int, float))]
+                means.append(_num(100 * sum(v) / len(v)) if v else "-")
+            cells.append(" / ".join(means))
+        n = {g: len({(seed, row["subject"]) for seed, rec in data["runs"][r].items() for row in rec.get("rows", [])
+                     if grade_of(row["subject"]) == g}) for g in ("HGG", "LGG")}
+        lines.append(f"| {LABELS.get(r, r)} | " + " | ".join(cells) + f" | {n['HGG']} / {n['LGG']} |")
+    return "\n".join(lines) + "\n"
+
+
 def table_learning(data: dict) -> str:
     """What each stage-1 network learnt: slice accuracy and DSC on the validation split at the kept epoch,
     mean over the seeds with curves (the evidence for a weak row: a map cannot localise what its
@@ -257,6 +285,7 @@ def render_page(data: dict, figure_dir: str = "", title: str = "Experiments", no
         "## Training: slice accuracy / DSC (%) on the validation split at the kept epoch (mean over seeds)", "",
         "The classifier of each modality (slice tumour / healthy) and its map's DSC at the epoch whose weights "
         "were kept (fused: no accuracy); per-epoch curves in the figure `curves` below.", "", table_learning(data),
+        "## Test DSC (%) by tumour grade: HGG / LGG (volumes of every seed)", "", table_by_grade(data),
         "## The paper's claims, paired per volume", "",
         f"Volumes paired by seed and subject; difference = better - worse in DSC points; {conf} % paired "
         f"bootstrap interval; two-sided Wilcoxon signed-rank test. Reproduced: the paper's direction and "

@@ -155,3 +155,17 @@ def test_training_curves_give_the_kept_epoch_table_and_figure(tmp_path):
     target = curves_figure(data, tmp_path)
     assert target == tmp_path / CURVES and target.stat().st_size > 0
     assert curves_figure(_document(), tmp_path / "none") is None
+
+
+def test_dsc_by_grade_needs_graded_subject_ids():
+    data = _document()
+    assert "do not name the tumour grade" in tab.table_by_grade(data)
+    for by_seed in data["runs"].values():
+        for record in by_seed.values():
+            for row in record["rows"]:
+                row["subject"] = ("Phantom_HGG_" if int(row["subject"][1:]) < 4 else "Phantom_LGG_") + row["subject"]
+    table = tab.table_by_grade(data)
+    hgg = [r["dsc"] for rec in data["runs"]["cam"].values() for r in rec["rows"]
+           if r["map"] == "t1" and "HGG" in r["subject"]]
+    assert f"| CAM | {100 * sum(hgg) / len(hgg):.1f} / " in table and "| 12 / 12 |" in table  # 4 + 4 a seed, 3 seeds
+    assert tab.grade_of("BraTS19_CBICA_AAB_1") is None
