@@ -250,6 +250,10 @@ def _status_lines(data: dict) -> list[str]:
                   + ". The plan continues across sessions (records under "
                   f"`{Path(data.get('records', 'records')).name}/`); every number below is from the runs recorded so far.",
                   ""]
+    pending = data.get("pending_runs") or []
+    if pending:
+        lines += [f"> **Pending.** {len(pending)} of the plan's {data.get('planned_runs', '?')} runs are not recorded "
+                  "yet (their tables and claims show '-' / pending): " + ", ".join(pending) + ".", ""]
     for v in data.get("variants") or []:
         lines += [f"> **Mixed (--allow-mixed):** precision {v['precision']} for {', '.join(v['runs'])}.", ""]
     return lines

@@ -227,7 +227,9 @@ def results_document(plan: Plan, records_dir: Path, allow_mixed: bool = False) -
     data = report.build_document(
         command=commands[-1] if commands else "", seeds=plan.seeds, pairs=plan.pairs, runs=runs, wall=wall,
         settings=settings, machine=machines[0] if machines else {}, figures=[], dataset=dataset, commands=commands)
+    pending = [r.key for r in plan.runs if (r.seed, r.name) not in records]
     data.update(machines=machines, variants=variants if len(variants) > 1 else [], overlays=overlays, curves=curves,
+                planned_runs=len(plan.runs), pending_runs=pending,
                 recipe=variants[0]["recipe"] if variants else {}, records=str(records_dir))
     return report.jsonable(data)
 

@@ -169,3 +169,10 @@ def test_dsc_by_grade_needs_graded_subject_ids():
            if r["map"] == "t1" and "HGG" in r["subject"]]
     assert f"| CAM | {100 * sum(hgg) / len(hgg):.1f} / " in table and "| 12 / 12 |" in table  # 4 + 4 a seed, 3 seeds
     assert tab.grade_of("BraTS19_CBICA_AAB_1") is None
+
+
+def test_the_page_lists_the_runs_not_recorded_yet():
+    data = _document()
+    assert "**Pending.**" not in tab.render_page(data) and "**Incomplete.**" in tab.render_page(data)
+    page = tab.render_page({**data, "planned_runs": 35, "pending_runs": ["seed0/kd_only", "seed0/cmer_flip"]})
+    assert "> **Pending.** 2 of the plan's 35 runs are not recorded yet" in page and "seed0/cmer_flip." in page
