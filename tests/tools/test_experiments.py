@@ -46,7 +46,7 @@ def test_quick_experiments_write_every_table_and_figure(tmp_path):
     assert not list((out / "records").rglob("*.pt"))
     assert [e["epoch"] for e in record["curves"]["epochs"]] == [1]  # the training curves travel with the record
     assert record["curves"]["key_metric"] == "val_dsc_fused" and "val_acc_t1" in record["curves"]["epochs"][0]
-    assert "| CMER (proposed) | 1 |" in tables and (out / "curves.png").stat().st_size > 0
+    assert "| CMER (proposed) | 1, 1 |" in tables and (out / "curves.png").stat().st_size > 0
     assert (out / "sweep_fused.png").stat().st_size > 0
     assert (out / "overlays.png").stat().st_size > 0
     # a second call reuses the trained models, keeps the other runs' rows and writes the docs page
