@@ -15,8 +15,9 @@ from pathlib import Path
 
 from scripts.common import atomic_write_text
 from tools import paper_numbers as paper
-from tools.experiment_report import (ABLATIONS, BASELINES, DEEPLAB_RUN, MAIN_ROWS, MAP_ORDER, SWITCH_PREFIX,
-                                     best_epochs, cell, map_names, run_summary, transform_runs)
+from tools.experiment_report import (ABLATIONS, BASELINES, DEEPLAB_RUN, MAIN_ROWS, MAP_ORDER, PAIR_KEYS,
+                                     SWITCH_PREFIX, TRANSFORM_KINDS, best_epochs, cell, map_names, run_summary,
+                                     transform_runs)
 
 READOUT = "gradcampp"
 LABELS = {"cam": "CAM", "seam_scale": "SEAM (scale)", "seam_all": "SEAM (all)", "cmer": "CMER (proposed)",
@@ -145,6 +146,30 @@ def table_v(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def first_seed_runs(data: dict) -> list[str]:
+    """The recorded one-seed stage-1 runs in the page's order (Table III, Fig. 3, pairs, DeepLab, switches),
+    CMER first as their reference."""
+    order = ("cmer", *ABLATIONS, *(f"cmer_{k}" for k in TRANSFORM_KINDS), *(f"cmer_{k}" for k in PAIR_KEYS),
+             DEEPLAB_RUN, *sorted(r for r in data["runs"] if r.startswith(SWITCH_PREFIX)))
+    return [r for r in dict.fromkeys(order) if r in data["runs"]]
+
+
+def table_v_first(data: dict) -> str:
+    """r_u / r_o of the one-seed runs on the first seed's test volumes (CMER's first seed beside them): the
+    evidence for a Table III, Fig. 3 or pair verdict (a map that misses the tumour, or one that spills)."""
+    first = _first(data)
+    runs = first_seed_runs(data)
+    if len(runs) < 2:
+        return "No one-seed run is recorded yet.\n"
+    lines = ["| run | " + " | ".join(MAP_ORDER) + " |", "|---" * (len(MAP_ORDER) + 1) + "|"]
+    for run in runs:
+        summary = run_summary(data, run, first)
+        cells = [" / ".join(_num(summary[n].get(f"{k}_pooled"), digits=2) for k in ("r_u", "r_o"))
+                 if n in summary else "-" for n in MAP_ORDER]
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def grade_of(subject: str) -> str | None:
     """'HGG' / 'LGG' when the subject id names its grade (the phantom's ids do), else None."""
     return next((g for g in ("HGG", "LGG") if g in str(subject).upper()), None)
@@ -177,7 +202,7 @@ def table_learning(data: dict) -> str:
     """What each stage-1 network learnt: slice accuracy and DSC on the validation split at the kept epoch,
     mean over the seeds with curves (the evidence for a weak row: a map cannot localise what its
     classifier does not separate)."""
-    order = [r for r in (*BASELINES, "cmer", *ABLATIONS, "full_supervision") if best_epochs(data, r)]
+    order = [r for r in (*BASELINES, "cmer", *first_seed_runs(data), "full_supervision") if best_epochs(data, r)]
     if not order:
         return "No run recorded its training curves yet.\n"
     lines = ["| method | kept epoch | " + " | ".join(MAP_ORDER) + " | seeds |", "|---" * (len(MAP_ORDER) + 3) + "|"]
@@ -285,6 +310,8 @@ def render_page(data: dict, figure_dir: str = "", title: str = "Experiments", no
         "## Table IV analogue: backbone (DSC %, first seed; the paper's DeepLab rows are pairs: "
         + ", ".join(f"{k} {v:.1f}" for k, v in paper.TABLE_IV_PROPOSED.items()) + ")", "", table_iv(data),
         "## Table V analogue: r_u = FN/TP, r_o = FP/TP (pooled over volumes and seeds)", "", table_v(data),
+        "## r_u / r_o of the one-seed runs (first seed's test volumes; each cell r_u / r_o)", "",
+        table_v_first(data),
         "## Improvement switches (DSC %, first seed)", "", table_switches(data),
         "## Training: slice accuracy / DSC (%) on the validation split at the kept epoch (mean over seeds)", "",
         "The classifier of each modality (slice tumour / healthy) and its map's DSC at the epoch whose weights "

@@ -176,3 +176,17 @@ def test_the_page_lists_the_runs_not_recorded_yet():
     assert "**Pending.**" not in tab.render_page(data) and "**Incomplete.**" in tab.render_page(data)
     page = tab.render_page({**data, "planned_runs": 35, "pending_runs": ["seed0/kd_only", "seed0/cmer_flip"]})
     assert "> **Pending.** 2 of the plan's 35 runs are not recorded yet" in page and "seed0/cmer_flip." in page
+
+
+def test_one_seed_runs_get_r_u_and_r_o_on_the_first_seed():
+    data = _document()
+    for row in data["runs"]["kd_only"]["seed0"]["rows"]:
+        row["fp"] = 300  # r_o 3.00
+    for row in data["runs"]["cmer"]["seed1"]["rows"]:
+        row["fp"] = 1000  # another seed: left out of the first-seed table
+    assert tab.first_seed_runs(data) == ["cmer", "kd_only", "kd_er", "er_cmer", "cmer_t1_t2", "cmer_deeplab"]
+    table = tab.table_v_first(data)
+    assert "| cmer | " + " | ".join(["0.20 / 0.50"] * 5) + " |" in table
+    assert "| kd_only | " + " | ".join(["0.20 / 3.00"] * 5) + " |" in table
+    assert "r_u / r_o of the one-seed runs" in tab.render_page(data)
+    assert "No one-seed run" in tab.table_v_first({**data, "runs": {"cmer": data["runs"]["cmer"]}})
