@@ -55,6 +55,13 @@ def _claims() -> tuple:
                    (f"cmer_{key}", "fused", f"cmer_{key}", b, f"pair {a}-{b}: fused > {b}"),
                    (f"cmer_{key}", "fused", f"seam_all@{key}", "fused", f"pair {a}-{b}: CMER > SEAM (all)")]
     claims += [("full_supervision", m, "cmer", m, f"full supervision > CMER, {m}") for m in MODALITIES]
+    # Fig. 3's text (section IV-C.3): against the CAM baseline, rotation improves every modality; scaling
+    # improves T1, T1c and T2 and degrades FLAIR; translation degrades T1 and improves T2, T1c and FLAIR.
+    for kind, worse_on in (("rotation", ()), ("scale", ("flair",)), ("translation", ("t1",))):
+        for m in MODALITIES:
+            run = f"cmer_{kind}"
+            claims.append(("cam", m, run, m, f"Fig. 3: CAM > {kind} alone, {m}") if m in worse_on
+                          else (run, m, "cam", m, f"Fig. 3: {kind} alone > CAM, {m}"))
     return tuple(claims)
 
 

@@ -190,3 +190,11 @@ def test_one_seed_runs_get_r_u_and_r_o_on_the_first_seed():
     assert "| kd_only | " + " | ".join(["0.20 / 3.00"] * 5) + " |" in table
     assert "r_u / r_o of the one-seed runs" in tab.render_page(data)
     assert "No one-seed run" in tab.table_v_first({**data, "runs": {"cmer": data["runs"]["cmer"]}})
+
+
+def test_fig3_claims_follow_the_papers_text():
+    fig3 = {c[4]: c for c in rep.CLAIMS if c[4].startswith("Fig. 3")}
+    assert len(fig3) == 12
+    assert fig3["Fig. 3: CAM > scale alone, flair"][:4] == ("cam", "flair", "cmer_scale", "flair")
+    assert fig3["Fig. 3: CAM > translation alone, t1"][:4] == ("cam", "t1", "cmer_translation", "t1")
+    assert fig3["Fig. 3: rotation alone > CAM, t1c"][:4] == ("cmer_rotation", "t1c", "cam", "t1c")
