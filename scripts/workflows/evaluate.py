@@ -9,10 +9,16 @@ per-volume numbers are kept, and at the end writes under `output_dir`:
 
     per_subject.csv, summary.csv, summary.md, threshold_sweep.csv   (scripts.workflows.metrics)
     threshold_sweep.png                 DSC versus threshold (the paper's Fig. 4)
+    operating_point.json                the best threshold per map and per fusion on this split, the area
+                                        under each DSC curve, and this split's DSC at the model's recorded
+                                        operating point (scripts.workflows.operating_point)
     overlay_<subject>.png               masks over the images (the paper's Fig. 5)
     resolved_config.json                the settings of the run and its command line
 
-and prints the summary table.
+and prints the summary table. The fused map is swept at the evaluator's fusion ('fused') and at
+the other fusions of `fusions` ('fused_max', 'fused_mean': the same gated per-modality maps fused
+otherwise). Evaluating the validation split with `record_operating_point` writes the chosen
+operating point beside the checkpoint, where inference reads it.
 """
 
 from __future__ import annotations
@@ -27,11 +33,14 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from scripts.common import atomic_write_text
+from scripts.common import atomic_write_json, atomic_write_text
 from scripts.data.subjects import DataError, load_datalist
+from scripts.model.cams import fuse_maps
+from scripts.workflows import operating_point as op
 from scripts.workflows.metrics import (
     DEFAULT_SWEEP,
     EvaluationResult,
+    dice_curve,
     evaluate_volumes,
     format_table,
     ordered_names,
@@ -83,7 +92,7 @@ def assemble(rows: list[dict], curves: dict[str, list[np.ndarray]], threshold: f
     names = ordered_names(r["map"] for r in rows)
     summary = {n: summarise_rows([r for r in rows if r["map"] == n], threshold) for n in names}
     sweep = {}
-    for name in names:
+    for name in names + [n for n in curves if n not in names]:  # then the other fusions' curves
         if curves.get(name):
             stacked = np.stack(curves[name])
             sweep[name] = {"thresholds": thresholds, "dsc_mean": stacked.mean(0), "dsc_std": stacked.std(0)}
@@ -105,12 +114,28 @@ class EvaluationReport:
         overlay_count: overlays when no subjects are named.
         settings: the run's settings, written to resolved_config.json.
         title: title of the tables and plots.
+        fusion: the evaluator's fusion (the 'fused' map's); None: no other fusion is swept.
+        fusions: fusions whose fused map is also swept ('fused_<fusion>'), for the operating point.
+        ckpt_path: the evaluated checkpoint (its recorded operating point is read, or written).
+        split: the evaluated datalist split (recorded with the operating point).
+        record_operating_point: write the operating point chosen on this split beside the checkpoint
+            (configs/evaluate.yaml: when the split is the validation split).
+        choose_fusion: the operating point also chooses the fusion (mean | max), not only the threshold.
     """
 
     def __init__(self, output_dir, threshold: float = 0.5, sweep_thresholds: Sequence[float] | None = DEFAULT_SWEEP,
                  overlay_subjects: Sequence[str] | None = None, overlay_count: int = 2, settings: dict | None = None,
-                 title: str = "Evaluation"):
+                 title: str = "Evaluation", fusion: str | None = None, fusions: Sequence[str] = (),
+                 ckpt_path=None, split: str = "testing", record_operating_point: bool = False,
+                 choose_fusion: bool = False):
         self.output_dir = Path(output_dir)
+        self.fusion = fusion
+        self.fusions = [f for f in (fusions or ()) if fusion is not None and f != fusion]
+        self.ckpt_path = ckpt_path
+        self.split = str(split)
+        self.record_operating_point = _flag(record_operating_point)
+        self.choose_fusion = _flag(choose_fusion)
+        self.operating_point: dict | None = None
         self.threshold = float(threshold)
         self.sweep_thresholds = None if sweep_thresholds is None else np.sort(np.asarray(sweep_thresholds, float))
         if isinstance(overlay_subjects, str):  # one name from the command line
@@ -126,6 +151,7 @@ class EvaluationReport:
         self.curves: dict[str, list[np.ndarray]] = {}
         self.overlays: dict[str, dict] = {}
         self.result: EvaluationResult | None = None
+        self.operating_point = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
@@ -149,8 +175,20 @@ class EvaluationReport:
         self.rows.extend(part.rows)
         for name, curve in part.sweep.items():
             self.curves.setdefault(name, []).append(curve["dsc_mean"])
+        self._other_fusions(maps, truth)
         if self._wants_overlay(subject):
             self.overlays[subject] = self._overlay_data(item, maps, truth)
+
+    def _other_fusions(self, maps: dict, truth: np.ndarray) -> None:
+        """DSC curves of the fused map under the other fusions of the same gated per-modality maps."""
+        sources = [m for n, m in maps.items() if n != "fused"]
+        if self.sweep_thresholds is None or len(sources) < 2:
+            return
+        stacked = np.stack(sources)[None]
+        for how in self.fusions:
+            fused = fuse_maps(stacked, how)[0]
+            self.curves.setdefault(op.fused_sweep_name(how, self.fusion), []).append(
+                dice_curve(fused, truth, self.sweep_thresholds))
 
     def _wants_overlay(self, subject: str) -> bool:
         if self.overlay_subjects is not None:
@@ -181,11 +219,45 @@ class EvaluationReport:
         if missing:
             logger.warning("overlay subjects not in the evaluated split: %s", missing)
         self.write_settings()
+        if self.result.sweep:
+            self.write_operating_point()
         volumes = len({r["subject"] for r in self.result.rows})
         print(f"\n{self.title} ({volumes} volumes, "
               f"threshold {self.threshold:g}) -> {files['summary_md'].parent}\n{format_table(self.result.summary)}",
               flush=True)
         return self.result
+
+    def write_operating_point(self) -> dict:
+        """operating_point.json: this split's best thresholds and curve areas, the model's recorded operating
+        point and this split's DSC at it; with `record_operating_point`, this split's choice is recorded
+        beside the checkpoint (scripts.workflows.operating_point)."""
+        fusion = self.fusion or "mean"
+        chosen = op.choose_operating_point(self.result.sweep, fusion, self.choose_fusion, self.split)
+        recorded = op.read_operating_point(self.ckpt_path)
+        if self.record_operating_point:
+            if self.ckpt_path is None:
+                logger.warning("no ckpt_path: the operating point chosen on %s is not recorded", self.split)
+            else:
+                try:
+                    path = op.write_operating_point(self.ckpt_path, chosen)
+                    recorded = op.read_operating_point(self.ckpt_path)
+                    logger.info("operating point (fusion %s, threshold %g) recorded in %s", chosen["fusion"],
+                                chosen["threshold"], path)
+                except OSError as err:
+                    logger.warning("the operating point could not be written beside %s (%s): inference keeps its "
+                                   "configured threshold", self.ckpt_path, err)
+        at_recorded = op.evaluate_at(self.result.sweep, recorded, fusion) if recorded else None
+        self.operating_point = {"split": self.split, "this_split": chosen, "recorded": recorded,
+                                "at_recorded": at_recorded}
+        atomic_write_json(self.output_dir / "operating_point.json", json.loads(json.dumps(
+            self.operating_point, default=_json_default, allow_nan=True)))
+        line = (f"best on {self.split}: fused ({chosen['fusion']}) {100 * chosen['dsc']:.1f} % at threshold "
+                f"{chosen['threshold']:g} (area under the DSC curve {chosen['auc']:.3f})")
+        if at_recorded is not None:
+            line += (f"; at the recorded operating point ({recorded['fusion']}, {recorded['threshold']:g}, chosen on "
+                     f"{recorded.get('split')}): {100 * at_recorded['chosen']:.1f} %")
+        print(line, flush=True)
+        return self.operating_point
 
     def write_settings(self) -> Path:
         """resolved_config.json: the run's resolved settings and its command line."""
@@ -193,6 +265,13 @@ class EvaluationReport:
         content = {"settings": self.settings, "command": sys.argv}
         atomic_write_text(target, json.dumps(content, indent=2, default=_json_default) + "\n")
         return target
+
+
+def _flag(value) -> bool:
+    """A config flag: `--record_operating_point false` arrives as the string 'false'."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def _json_default(value):

@@ -31,7 +31,7 @@ CONFIGS = [str(REPO / "configs" / "train.yaml"), str(REPO / "configs" / "evaluat
 META = str(REPO / "configs" / "metadata.json")
 MODALITIES = ["t1", "t1c", "t2", "flair"]
 SHAPE = (16, 16, 8)
-OUTPUT_FILES = ["overlay_Sub_000.png", "overlay_Sub_001.png", "per_subject.csv", "resolved_config.json",
+OUTPUT_FILES = ["operating_point.json", "overlay_Sub_000.png", "overlay_Sub_001.png", "per_subject.csv", "resolved_config.json",
                 "summary.csv", "summary.md", "threshold_sweep.csv", "threshold_sweep.png"]
 
 class RampNet(CopyNet):
@@ -109,7 +109,7 @@ def test_evaluate_workflow_writes_tables_plots_and_resolved_config(tmp_path, dat
     assert sorted({row["subject"] for row in rows}) == ["Sub_000", "Sub_001"] and len(rows) == 10
     assert all(0.0 <= float(row["dsc"]) <= 1.0 for row in rows)
     sweep = read_csv(out / "threshold_sweep.csv")
-    assert len(sweep) == 5 * 19
+    assert len(sweep) == 6 * 19  # four modalities, fused (mean) and fused_max (the other fusion, for the operating point)
     resolved = json.loads((out / "resolved_config.json").read_text())
     assert resolved["settings"]["eval_split"] == "testing" and resolved["settings"]["method"] == "cam"
     assert resolved["settings"]["ckpt_path"] == checkpoint
