@@ -24,6 +24,10 @@ MODALITY_ALIASES: dict[str, str] = {
     "flair": "flair", "t2f": "flair", "t2flair": "flair",
 }
 
+# The list of files a run of this bundle wrote into an output folder (scripts.workflows.output_files);
+# here so that discovery (scripts.data.subjects) never reads such a folder as input data.
+OUTPUT_MANIFEST = ".manifest.json"
+
 # Index of the tumour channel in a network's 2-channel output (0 = healthy / background).
 TUMOUR_CHANNEL = 1
 

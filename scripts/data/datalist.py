@@ -25,6 +25,7 @@ import numpy as np
 from scripts.common import MODALITIES, atomic_write_json
 from scripts.data.subjects import (ENHANCING_LABEL, PAPER_SPLIT, SECTIONS, DataError, _read_json, discover_subjects,
                                    load_datalist)
+from scripts.data.leakage import check_datalist_sections
 from scripts.data.volumes import NORMALIZATIONS, VolumeCache
 
 logger = logging.getLogger(__name__)
@@ -178,7 +179,8 @@ def ensure_dataset(dataset_dir: str | os.PathLike, datalist: str | os.PathLike |
 
     An existing datalist written by this bundle is checked against the data and the split: new
     or removed subjects, another split or seed are an error naming the difference (never a
-    silent reuse); a datalist written elsewhere is used as it is.
+    silent reuse); a datalist written elsewhere is used as it is. Either must list each subject
+    and file once (`scripts.data.leakage.check_datalist_sections`).
     """
     from scripts.runtime import as_flag  # lazy: runtime's error types import this module
 
@@ -187,7 +189,8 @@ def ensure_dataset(dataset_dir: str | os.PathLike, datalist: str | os.PathLike |
     datalist_path = Path(datalist_file(given, datalist))
     if given.is_file():
         if given.suffix.lower() == ".json":
-            return str(datalist_path)  # a datalist given as the data: used as it is
+            check_datalist_sections(datalist_path)  # a datalist given as the data: used as it is, once checked
+            return str(datalist_path)
         raise DataError(f"--dataset_dir {given} is a file, not a folder. Fix: pass the folder holding the subject "
                         f"folders, or a datalist .json file.")
     if not given.exists() or not any(p for p in given.iterdir() if not p.name.startswith(".")):
@@ -205,6 +208,7 @@ def ensure_dataset(dataset_dir: str | os.PathLike, datalist: str | os.PathLike |
                             f"--datalist_path {Path.home() / 'datalists' / (given.name + '.json')}.") from err
     else:
         check_datalist_current(datalist_path, given, split, seed, allow_missing)
+    check_datalist_sections(datalist_path)  # a hand-written one too: the checks folder discovery makes
     return str(datalist_path)
 
 

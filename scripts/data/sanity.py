@@ -14,7 +14,13 @@ Each warning says what was measured, with the numbers, and what it means for the
   tumours in BraTS cover well under that, so such a mask means the input is unlike the
   training data;
 - segmentation labels outside the layout's set (BraTS 2018-2021: 0, 1, 2, 4; BraTS 2023+ and
-  MSD: 0, 1, 2, 3), counted per value: every non-zero label is taken as tumour.
+  MSD: 0, 1, 2, 3), counted per value: labels above 0 are taken as tumour, below 0 as background;
+- a volume far smaller than a head (a crop or a test file; not blamed on skull-stripping);
+- a brain of mostly negative values (MR magnitude images are >= 0: an inverted contrast);
+- T1 and T2 files that look swapped: the brain's intensity skewness (T1: bright white matter,
+  the bulk of the brain, so skewed low; T2: bright CSF and oedema, skewed high; on the phantom and
+  the real development scans T2's exceeds T1's by 0.6-3.2) is higher in the t1 file than in the
+  t2 file. Only this pair is compared: T1c (enhancement) and FLAIR (lesions) vary too much.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ OBLIQUE_DEGREES = 1.0  # below this an affine counts as axis-aligned (scanner ro
 MIN_FOREGROUND = 0.005  # fraction of the volume; a skull-stripped brain fills ~10-30 %
 MAX_FOREGROUND = 0.9
 MAX_TUMOUR_FRACTION = 0.3  # of the foreground
+MIN_HEAD_MM = 100.0  # a volume whose largest extent is below this cannot hold a head (150-200 mm)
+MAX_NEGATIVE_FRACTION = 0.9  # of the non-zero voxels; a z-scored brain has about half below 0
+SWAP_SKEW_MARGIN = 0.25  # t1's skewness above t2's by more than this: swapped files
 
 
 def oblique_degrees(affine) -> float:
@@ -78,9 +87,17 @@ def volume_warnings(volumes: Mapping[str, torch.Tensor], files: Mapping[str, str
             messages.append(f"subject {subject}: no brain-like foreground: {100 * fraction:.2f} % of the voxels are "
                             f"non-zero (a skull-stripped brain fills about 10-30 %){dropped}. Check the images.")
         elif fraction > MAX_FOREGROUND:
+            guess = "noise, or not skull-stripped?"
+            first = next(iter(volumes))
+            if max(_extents_mm(volumes[first])) < MIN_HEAD_MM:  # too small to be a head: do not blame skull-stripping
+                shape = " x ".join(str(int(n)) for n in volumes[first].shape[-3:])
+                extent = " x ".join(f"{e:.0f}" for e in _extents_mm(volumes[first]))
+                guess = (f"a crop or a test file? {first} file {files.get(first)} is {shape} voxels ({extent} mm), far "
+                         f"smaller than a head (150-200 mm)")
             messages.append(f"subject {subject}: {100 * fraction:.1f} % of the voxels are non-zero (no zero "
                             f"background); the model was trained on skull-stripped volumes with a zero background, "
-                            f"so its maps of this input (noise, or not skull-stripped?) are unreliable.")
+                            f"so its maps of this input ({guess}) are unreliable.")
+    messages += _contrast_messages(volumes, files, subject)
     first = next(iter(volumes), None)
     affine = getattr(volumes[first], "affine", None) if first is not None else None
     if affine is not None:
@@ -90,6 +107,48 @@ def volume_warnings(volumes: Mapping[str, torch.Tensor], files: Mapping[str, str
                             f"{angle:.1f} degrees from the nearest world axes); it is used along the nearest axes "
                             f"without resampling (outputs keep its own grid and affine).")
     return _emit(messages) if log else messages
+
+
+def _extents_mm(volume) -> list[float]:
+    """Physical extent (mm) of a (1, X, Y, Z) volume along its voxel axes (1 mm voxels without an affine)."""
+    affine = getattr(volume, "affine", None)
+    sizes = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0) if affine is not None else np.ones(3)
+    return [float(n * s) for n, s in zip(volume.shape[-3:], sizes)]
+
+
+def _brain_skewness(volume) -> float | None:
+    """Skewness of the non-zero voxels between their 1st and 99th percentiles (None: too few voxels)."""
+    data = torch.as_tensor(volume).as_subclass(torch.Tensor).double().reshape(-1)
+    data = data[data != 0]
+    if data.numel() < 100:
+        return None
+    low, high = torch.quantile(data[:: max(1, data.numel() // 100000)], torch.tensor([0.01, 0.99], dtype=data.dtype))
+    data = data[(data >= low) & (data <= high)]
+    spread = data.std()
+    if data.numel() < 100 or spread == 0:
+        return None
+    return float((((data - data.mean()) / spread) ** 3).mean())
+
+
+def _contrast_messages(volumes: Mapping[str, torch.Tensor], files: Mapping[str, str], subject: str) -> list[str]:
+    """An inverted brain (mostly negative) per modality; swapped t1 / t2 files (module docstring)."""
+    messages = []
+    for modality, volume in volumes.items():
+        data = torch.as_tensor(volume).as_subclass(torch.Tensor)
+        nonzero = data[data != 0]
+        negative = float((nonzero < 0).float().mean()) if nonzero.numel() else 0.0
+        if negative > MAX_NEGATIVE_FRACTION:
+            messages.append(f"subject {subject}: {modality} file {files.get(modality)} has {100 * negative:.1f} % "
+                            f"negative values in its brain (MR magnitude images are >= 0): an inverted contrast or a "
+                            f"difference image? Its network was trained on positive images; check the file.")
+    if "t1" in volumes and "t2" in volumes:
+        t1, t2 = _brain_skewness(volumes["t1"]), _brain_skewness(volumes["t2"])
+        if t1 is not None and t2 is not None and t1 - t2 > SWAP_SKEW_MARGIN:
+            messages.append(f"subject {subject}: the t1 file {files.get('t1')} looks like a T2 and the t2 file "
+                            f"{files.get('t2')} like a T1 (brain intensity skewness t1 {t1:+.2f}, t2 {t2:+.2f}; T1 "
+                            f"scans, with their bright white matter, are skewed lower than T2 scans): are the t1 and "
+                            f"t2 files swapped? Each network reads the contrast it was trained on; check the names.")
+    return messages
 
 
 # Labels a segmentation of each layout holds (whole tumour = label > 0 in all of them).
@@ -117,7 +176,7 @@ def label_warnings(seg: torch.Tensor, file: str, subject: str, layout: str | Non
     more = f" and {len(unexpected) - 8} more values" if len(unexpected) > 8 else ""
     name = SEG_LAYOUT_NAMES.get(str(layout), "BraTS or MSD")
     message = (f"subject {subject}: seg file {file} holds labels outside {{{', '.join(map(str, allowed))}}} ({name}): "
-               f"{listed}{more}; every non-zero label is taken as tumour. Check the file (another label convention, "
+               f"{listed}{more}; labels above 0 are taken as tumour, labels below 0 as background. Check the file (another label convention, "
                f"a resampled or corrupt export?).")
     return _emit([message]) if log else [message]
 

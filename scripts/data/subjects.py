@@ -8,6 +8,7 @@ naming the subject, the file, what is wrong and how to fix it.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from scripts.common import MODALITIES, canonical_modalities, canonical_modality
+from scripts.common import MODALITIES, OUTPUT_MANIFEST, canonical_modalities, canonical_modality
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ LAYOUTS_LOOKED_FOR = (
     "a MONAI decathlon-style datalist .json file",
     f"(image formats: {', '.join(IMAGE_SUFFIXES)})",
 )
-# Subject folders sit at most this deep below the root (root/HGG/<id> is depth 2).
-MAX_SEARCH_DEPTH = 3
+# Subject folders sit at most this deep below the root (root/HGG/<id> is depth 2); a folder
+# with scans below that is named in a warning (site/scanner/batch/<id> trees are depth 4).
+MAX_SEARCH_DEPTH = 6
 
 
 class DataError(ValueError):
@@ -99,14 +101,48 @@ def _grade_from_parts(parts: Iterable[str]) -> str | None:
 
 
 def _volume_files(folder: Path) -> dict[str, list[tuple[Path, str, str]]]:
-    """Volume files directly in `folder`, grouped by subject prefix: prefix -> [(path, token, role)]."""
+    """Entries directly in `folder` named like volume files, grouped by subject prefix:
+    prefix -> [(path, token, role)]. Entries that are not regular files (a dangling link, a
+    folder with a file's name) are kept, so that `_record_from_files` names them in an error
+    instead of the modality silently counting as missing."""
     groups: dict[str, list[tuple[Path, str, str]]] = {}
     for entry in sorted(folder.iterdir()):
-        parsed = _parse_volume_name(entry.name) if entry.is_file() else None
-        if parsed is not None:
+        parsed = _parse_volume_name(entry.name)
+        if parsed is not None and (entry.is_file() or entry.is_symlink() or entry.is_dir()):
             prefix, token, role = parsed
             groups.setdefault(prefix, []).append((entry, token, role))
     return groups
+
+
+def _unnamed_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder` whose names give no modality (e.g. `Sub02.flair.nii.gz`)."""
+    return [entry for entry in sorted(folder.iterdir())
+            if not entry.name.startswith(".") and _split_suffix(entry.name) and _parse_volume_name(entry.name) is None
+            and entry.is_file()]
+
+
+NAMING = "<id>_{t1,t1ce,t2,flair,seg}.nii.gz (BraTS 2023+: <id>-{t1n,t1c,t2w,t2f,seg}.nii.gz)"
+
+
+def _unusable_file(path: Path, subject: str, role: str) -> DataError | None:
+    """A DataError naming why a volume entry cannot be read (None for a regular file)."""
+    if path.is_file():
+        return None
+    where = f"subject {subject}: {role} file {path}"
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return DataError(f"{where} is a link that points back to itself (a symlink loop). Fix: replace it by "
+                                 f"the scan file, or remove it.")
+            return DataError(f"{where} is a link to a file that does not exist ({os.readlink(path)}; an unfetched "
+                             f"DataLad / git-annex file?). Fix: fetch it (`datalad get` / `git annex get`) or restore "
+                             f"its target, or remove the link to go on without this {role}.")
+    if path.is_dir():
+        return DataError(f"{where} is a folder, not a file. Fix: put the scan file there (an archive unpacked into a "
+                         f"folder of the file's name?), or rename the folder.")
+    return DataError(f"{where} is not a regular file. Fix: replace it by the scan file, or remove it.")
 
 
 def _expected_name(subject: str, modality: str, layout: str) -> str:
@@ -123,6 +159,9 @@ def _record_from_files(subject: str, folder: Path, files, grade, allow_missing: 
     layout = "brats2023" if any(token in BRATS2023_TOKENS for _, token, _ in files) else "brats2018-2021"
     found: dict[str, Path] = {}
     for path, _token, role in files:
+        unusable = _unusable_file(path, subject, role)
+        if unusable is not None:
+            raise unusable
         if role in found:
             raise DataError(
                 f"subject {subject}: two files give the same {role!r} volume: {found[role]} and {path}. "
@@ -148,6 +187,10 @@ def _records_in_folder(folder: Path, grade_parts: list[str], allow_missing: bool
     """Records of the subject(s) whose volume files lie directly in `folder` (none if it has none)."""
     groups = _volume_files(folder)
     grade = _grade_from_parts(grade_parts)
+    for path in _unnamed_images(folder):
+        owner = folder.name if len(groups) == 1 else f"in {folder}"
+        logger.warning(f"subject {owner}: file {path} is not used: its name gives no modality (expected {NAMING}). "
+                       f"Fix: rename it to include it.")
     if len(groups) == 1:  # the usual case: one subject per folder, named like the folder
         (files,) = groups.values()
         return [_record_from_files(folder.name, folder, files, grade, allow_missing)]
@@ -166,11 +209,40 @@ def _warn_hidden_subject_folder(folder: Path) -> None:
                        f"without the leading '.' to include it, or move it out of the dataset folder.")
 
 
+def _warn_unnamed_folder(folder: Path) -> None:
+    """A warning for a folder that holds image files none of which is named like a modality file."""
+    unnamed = _unnamed_images(folder)
+    if unnamed:
+        logger.warning(f"skipped folder {folder}: it holds {len(unnamed)} image files but none is named like a modality "
+                       f"file (e.g. {unnamed[0].name}). Fix: name them {NAMING} to include them.")
+
+
+def _warn_too_deep(folder: Path, root: Path, depth: int) -> None:
+    """Warnings for the folders below `folder` (at `depth` levels, the limit) that hold image files."""
+    for current, subfolders, names in os.walk(folder):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        images = [n for n in names if not n.startswith(".") and _split_suffix(n)]
+        if images and Path(current) != folder:  # `folder` itself: _warn_unnamed_folder
+            levels = depth + len(Path(current).relative_to(folder).parts)
+            logger.warning(f"skipped folder {current}: it is {levels} folder levels below {root} (subjects are looked "
+                           f"for at most {MAX_SEARCH_DEPTH} levels down) but holds {len(images)} image files (e.g. "
+                           f"{sorted(images)[0]}). Fix: pass a folder closer to it as --dataset_dir, or move it up.")
+
+
+def _is_output_folder(folder: Path) -> bool:
+    return (folder / OUTPUT_MANIFEST).is_file()
+
+
 def _discover_folders(root: Path, allow_missing: bool) -> list[dict]:
-    """BraTS-style discovery: walk down to the folders that hold modality files (hidden folders
-    are skipped; one that holds image files is named in a warning)."""
+    """BraTS-style discovery: walk down to the folders that hold modality files. Every folder
+    holding scans that is not taken is named in a warning with the reason: hidden, this bundle's
+    output folder, too deep, or no file named like a modality."""
+    if _is_output_folder(root):
+        raise DataError(f"{root} is an output folder of this bundle (it holds {OUTPUT_MANIFEST}), not input data. Fix: "
+                        f"pass the folder of the scans as --dataset_dir (outputs are never read as subjects).")
     if _volume_files(root):  # `root` is one subject's folder; HGG/LGG may be its parent
         return _records_in_folder(root, [root.parent.name, root.name], allow_missing)
+    _warn_unnamed_folder(root)
     records: list[dict] = []
     pending = [(root, 0)]
     while pending:
@@ -179,11 +251,18 @@ def _discover_folders(root: Path, allow_missing: bool) -> list[dict]:
             _warn_hidden_subject_folder(hidden)
         subfolders = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
         for sub in subfolders:
-            if _volume_files(sub):
+            if _is_output_folder(sub):  # e.g. an --output_dir inside the dataset: its maps are no subject
+                logger.warning(f"skipped folder {sub}: it holds this bundle's outputs ({OUTPUT_MANIFEST}); outputs "
+                               f"are never read as subjects. Fix: move it out of the dataset folder.")
+            elif _volume_files(sub):
                 relative_parts = [root.name, *sub.relative_to(root).parts]
                 records.extend(_records_in_folder(sub, relative_parts, allow_missing))
             elif depth + 1 < MAX_SEARCH_DEPTH:
+                _warn_unnamed_folder(sub)
                 pending.append((sub, depth + 1))
+            else:
+                _warn_unnamed_folder(sub)
+                _warn_too_deep(sub, root, depth + 1)
     return records
 
 

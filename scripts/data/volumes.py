@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from scripts.common import MODALITIES, atomic_path, atomic_write_json, canonical_modalities, canonical_modality
+from scripts.data.headers import check_nifti_header
 from scripts.data.subjects import NIFTI_SUFFIXES, DataError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def load_volume(path: str, subject: str, role: str):
     if not os.path.isfile(path):
         raise DataError(f"subject {subject}: {role} file {path} does not exist. Fix: restore the file, or "
                         f"rewrite the datalist (`python -m scripts.data.datalist datalist`) if the data moved.")
+    check_nifti_header(path, subject, role)  # voxel size 0 (error), no orientation (warning)
     loader = LoadImaged(keys="volume", reader=_reader_for(path), image_only=True, ensure_channel_first=True)
     try:
         volume = loader({"volume": path})["volume"]

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 from urllib.parse import quote, unquote
 
-from scripts.common import atomic_write_json
+from scripts.common import OUTPUT_MANIFEST, atomic_write_json
 from scripts.data.subjects import DataError
 from scripts.runtime import BundleError, as_flag
 
-MANIFEST_NAME = ".manifest.json"
+MANIFEST_NAME = OUTPUT_MANIFEST
 MAX_NAME_BYTES = 200  # leaves room for '_cam_flair.nii.gz' and temp-file affixes under 255
 
 
