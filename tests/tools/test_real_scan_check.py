@@ -1,0 +1,54 @@
+"""The real-scan check (tools/real_scan_check.py) on tiny scans the test writes."""
+
+import json
+
+import torch
+from torch import nn
+
+import tools.real_scan_check as check
+from tests.safety_data import write_subject
+from tests.stand_ins import CopyNet
+
+SETTINGS = {"modalities": ["t1", "t1c", "t2", "flair"], "backbone": "unet", "base_channels": 4, "spacing": 2.0,
+            "spatial_size": [16, 16], "normalization": "volume", "slice_normalization": "none", "pooling": "gap"}
+
+
+class CopyModel(nn.Module):
+    """Four CopyNets: each modality's tumour map is its (z-scored) slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.modalities = list(SETTINGS["modalities"])
+        self.nets = nn.ModuleList([CopyNet() for _ in self.modalities])
+
+
+def test_scores_a_case_with_reference_and_describes_one_without(tmp_path, monkeypatch):
+    data = tmp_path / "real"
+    write_subject(data, "Labelled")
+    (write_subject(data, "Unlabelled") / "Unlabelled_seg.nii.gz").unlink()
+    monkeypatch.setattr(check, "load_model", lambda path, device: (CopyModel().eval(), dict(SETTINGS)))
+    results = check.run_check("unused.pt", str(data), str(tmp_path / "out"))
+    labelled, unlabelled = results["Labelled"], results["Unlabelled"]
+    assert set(labelled) == {"t1", "t1c", "t2", "flair", "fused"}
+    # the bright cube is the tumour: the copy maps find it, open the gate on its slices only
+    assert labelled["fused"]["dsc"] > 0.5 and labelled["fused"]["best_dsc"] >= labelled["fused"]["dsc"]
+    assert labelled["flair"]["recall"] == 1.0 and labelled["flair"]["healthy_fire"] == 0.0
+    assert labelled["flair"]["oracle_dsc"] >= labelled["flair"]["dsc"] - 1e-6
+    assert labelled["flair"]["tumour_z"] > labelled["flair"]["brain_p99"]
+    assert unlabelled["fused"]["dsc"] is None and unlabelled["fused"]["healthy_fire"] is not None
+    written = json.loads((tmp_path / "out" / "real_check.json").read_text())
+    assert written["cases"]["Labelled"]["fused"]["dsc"] == labelled["fused"]["dsc"]
+    assert (tmp_path / "out" / "overlay_Labelled.png").stat().st_size > 0
+    assert "| Labelled | fused |" in (tmp_path / "out" / "real_check.md").read_text()
+
+
+def test_a_silent_network_scores_zero(tmp_path, monkeypatch):
+    data = tmp_path / "real"
+    write_subject(data, "Labelled")
+    model = CopyModel()
+    for net in model.nets:  # tumour logit always below healthy: the gate never opens
+        with torch.no_grad():
+            net.classifier.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+    monkeypatch.setattr(check, "load_model", lambda path, device: (model.eval(), dict(SETTINGS)))
+    rows = check.run_check("unused.pt", str(data), None)["Labelled"]
+    assert rows["fused"]["dsc"] == 0.0 and rows["t1"]["recall"] == 0.0

@@ -1,0 +1,231 @@
+"""Does a model find the tumour on real scans? Per case and modality, with the gate and the map apart.
+
+    python -m tools.real_scan_check --ckpt_path models/model.pt --data DIR [--out runs/real_check]
+        [--gate_threshold 0.5 --threshold 0.5 --fusion mean] [--device cpu]
+
+DIR is any layout the bundle reads (BraTS 2018-21 / 2023+ folders, nested or not, MSD Task01,
+a datalist JSON); subjects with a `seg` are scored, the others only described. Each case goes
+through the route inference takes (LoadSubjectd, the one preprocessing at the model's recorded
+spacing / size / normalisation, the map engine), the reference through the same geometry
+(nearest). Printed and written to OUT (real_check.md / .json, one overlay PNG per case), per
+case and map (each modality's gated map, and the fused one):
+
+    dsc           mask DSC at the read-out threshold (what inference delivers)
+    best_dsc      the best DSC over the sweep 0.05 ... 0.95, and at which threshold (`best_t`)
+    oracle_dsc    the ungated map on the reference's tumour slices only, at its best threshold:
+                  how well the map localises when the gate is right (map vs gate failure)
+    recall        tumour-slice recall: share of tumour slices whose gate opens (fused: mask non-empty)
+    healthy_fire  share of healthy brain slices whose gate opens (fused: mask non-empty)
+    tumour_z      median intensity of reference tumour voxels after preprocessing, and the
+                  healthy brain's 99th percentile (`brain_p99`): an intensity mismatch shows here
+
+A developer tool (nothing here trains or selects a model): the project is judged on real scans
+it never tuned on (../shared/real-dev/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FUSED = "fused"
+COLUMNS = ("dsc", "best_dsc", "best_t", "oracle_dsc", "recall", "healthy_fire", "tumour_z", "brain_p99")
+
+
+def load_model(ckpt_path: str, device: torch.device):
+    """MultiModalCAM with the settings the checkpoint records, weights loaded, in eval mode."""
+    from scripts.model.networks import MultiModalCAM, model_settings, read_checkpoint
+
+    settings = model_settings(ckpt_path)
+    network = MultiModalCAM(**settings)
+    state = read_checkpoint(ckpt_path)
+    network.load_state_dict(state["model"] if "model" in state and isinstance(state["model"], dict) else state)
+    return network.to(device).eval(), settings
+
+
+def prepare_case(record: dict, settings: dict) -> dict:
+    """One subject through inference's loading and preprocessing; the seg (if any) on the same grid.
+
+    Returns {"image": (K, H, W, D) tensor, "modalities": [...], "truth": (H, W, D) bool or None}.
+    """
+    from scripts.data.preprocessing import volume_preprocessing
+    from scripts.data.volumes import load_volume
+    from scripts.workflows.inference import LoadSubjectd
+
+    loaded = LoadSubjectd(settings["modalities"])(dict(record))
+    data, label_keys = {"image": loaded["image"]}, []
+    if record.get("seg"):
+        data["seg"] = load_volume(record["seg"], str(record["subject"]), "seg")
+        label_keys = ["seg"]
+    prep = volume_preprocessing(settings["spacing"], settings["spatial_size"], settings["normalization"],
+                                image_keys=("image",), label_keys=label_keys)(data)
+    image = torch.as_tensor(prep["image"]).as_subclass(torch.Tensor).float()
+    truth = torch.as_tensor(prep["seg"]).as_subclass(torch.Tensor)[0] > 0 if label_keys else None
+    return {"image": image, "modalities": loaded["modalities"], "truth": truth}
+
+
+def _dsc(pred: np.ndarray, truth: np.ndarray) -> float:
+    denominator = pred.sum() + truth.sum()
+    return float(2.0 * np.logical_and(pred, truth).sum() / denominator) if denominator else 1.0
+
+
+def score_case(gated, ungated, image: torch.Tensor, truth: torch.Tensor | None, threshold: float,
+               gate_threshold: float) -> dict:
+    """{map name: {column: value}} for one case (module docstring); columns needing a reference
+    are None without one."""
+    from scripts.workflows.metrics import DEFAULT_SWEEP, dice_curve
+
+    brain = gated.brain.numpy()
+    truth_np = truth.numpy().astype(bool) if truth is not None else None
+    tumour_slices = truth_np.reshape(-1, truth_np.shape[-1]).any(0) & brain if truth_np is not None else None
+    healthy_slices = brain & ~tumour_slices if tumour_slices is not None else brain
+    brain_voxels = image.abs().sum(0).numpy() > 0
+    rows = {}
+    names = list(gated.names) + [FUSED]
+    for index, name in enumerate(names):
+        volume = (gated.fused if name == FUSED else gated.maps[index]).numpy()
+        if name == FUSED:
+            fired = volume.reshape(-1, volume.shape[-1]).__gt__(threshold).any(0)
+        else:
+            fired = gated.probabilities[index].numpy() > gate_threshold
+        row = dict.fromkeys(COLUMNS)
+        row["healthy_fire"] = float(fired[healthy_slices].mean()) if healthy_slices.any() else None
+        if name != FUSED:
+            channel = image[gated.names.index(name) if name in gated.names else index].numpy()
+            healthy = channel[brain_voxels & ~truth_np] if truth_np is not None else channel[brain_voxels]
+            row["brain_p99"] = float(np.percentile(healthy, 99)) if healthy.size else None
+            if truth_np is not None and truth_np.any():
+                row["tumour_z"] = float(np.median(channel[truth_np]))
+        if truth_np is not None:
+            row["dsc"] = _dsc(volume > threshold, truth_np)
+            curve = dice_curve(volume.astype(np.float32), truth_np, DEFAULT_SWEEP)
+            row["best_dsc"], row["best_t"] = float(curve.max()), float(DEFAULT_SWEEP[int(curve.argmax())])
+            row["recall"] = float(fired[tumour_slices].mean()) if tumour_slices.any() else None
+            raw = (ungated.fused if name == FUSED else ungated.maps[index]).numpy() * tumour_slices
+            row["oracle_dsc"] = float(dice_curve(raw.astype(np.float32), truth_np, DEFAULT_SWEEP).max())
+        rows[name] = row
+    return rows
+
+
+def overlay(case: str, prepared: dict, gated, threshold: float, out_png: Path) -> Path:
+    """One row per map (modalities, fused) at three slices: CAM heat over the image, reference
+    contour white, mask contour red."""
+    from matplotlib.figure import Figure
+
+    from scripts.workflows.figures import _save, cam_overlay, contour_of
+
+    truth = prepared["truth"]
+    image = prepared["image"].numpy()
+    area = (truth.numpy() if truth is not None else gated.fused.numpy() > threshold).reshape(-1, image.shape[-1]).sum(0)
+    if area.max() == 0:
+        area = gated.fused.numpy().reshape(-1, image.shape[-1]).sum(0)
+    centre = int(np.argmax(area))
+    depth = image.shape[-1]
+    zs = sorted({max(0, min(depth - 1, centre + d)) for d in (-4, 0, 4)})
+    names = list(gated.names) + [FUSED]
+    fig = Figure(figsize=(2.0 * len(zs), 2.0 * len(names) + 0.4), dpi=100)
+    for r, name in enumerate(names):
+        k = gated.names.index("flair") if name == FUSED and "flair" in gated.names else min(r, len(gated.names) - 1)
+        volume = gated.fused if name == FUSED else gated.maps[r]
+        for c, z in enumerate(zs):
+            ax = fig.add_subplot(len(names), len(zs), r * len(zs) + c + 1)
+            rgb = cam_overlay(np.rot90(image[k, :, :, z]), np.rot90(volume[:, :, z].numpy()),
+                              None if truth is None else np.rot90(truth[:, :, z].numpy()))
+            rgb[contour_of(np.rot90(volume[:, :, z].numpy() > threshold))] = (255, 0, 0)
+            ax.imshow(rgb, interpolation="nearest")
+            ax.set_title(f"{name} z={z}", fontsize=7)
+            ax.set_axis_off()
+    fig.suptitle(f"{case}: CAM (heat), mask > {threshold:g} (red), reference (white)", fontsize=8)
+    return _save(fig, out_png)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def markdown(results: dict, settings: dict) -> str:
+    """One table: a row per case and map."""
+    lines = [f"Read-out: gate > {settings['gate_threshold']:g}, fusion {settings['fusion']}, mask > "
+             f"{settings['threshold']:g}; model {settings['ckpt_path']}", "",
+             "| case | map | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
+    for case, rows in results.items():
+        for name, row in rows.items():
+            lines.append(f"| {case} | {name} | " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float = 0.5, threshold: float = 0.5,
+              fusion: str = "mean", device: str = "cpu", subjects=None) -> dict:
+    """Score every case under `data` (module docstring); write the table, JSON and overlays to `out`.
+
+    Args:
+        ckpt_path: a stage-1 model.pt (MultiModalCAM state dict with its recorded settings).
+        data: a folder in any supported layout, or a datalist JSON.
+        out: output folder (created); None writes nothing.
+        gate_threshold: tumour probability a slice must exceed to keep its map.
+        threshold: binarisation threshold of every map.
+        fusion: "mean" or "max" over the modalities.
+        device: torch device name.
+        subjects: only these subject ids (default all).
+
+    Returns:
+        {case: {map: {column: value}}}.
+    """
+    from scripts.common import atomic_write_json, atomic_write_text
+    from scripts.data.subjects import discover_subjects
+    from scripts.workflows.map_engine import MapEngine
+
+    torch_device = torch.device(device)
+    network, model = load_model(ckpt_path, torch_device)
+    records = [r for r in discover_subjects(data, allow_missing=True) if not subjects or r["subject"] in subjects]
+    gated_engine = MapEngine(gate_threshold=gate_threshold, fusion=fusion, threshold=threshold,
+                             slice_normalization=model["slice_normalization"])
+    ungated_engine = MapEngine(gate=False, fusion=fusion, threshold=threshold,
+                               slice_normalization=model["slice_normalization"])
+    settings = {"ckpt_path": str(ckpt_path), "gate_threshold": gate_threshold, "threshold": threshold,
+                "fusion": fusion, "model": model}
+    results = {}
+    out_dir = Path(out) if out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for record in records:
+        case = str(record["subject"])
+        prepared = prepare_case(record, model)
+        gated = gated_engine(network, prepared["image"].to(torch_device), channels=prepared["modalities"])
+        ungated = ungated_engine(network, prepared["image"].to(torch_device), channels=prepared["modalities"])
+        results[case] = score_case(gated, ungated, prepared["image"], prepared["truth"], threshold, gate_threshold)
+        if out_dir:
+            overlay(case, prepared, gated, threshold, out_dir / f"overlay_{case}.png")
+        print(f"{case}: fused dsc {_fmt(results[case][FUSED]['dsc'])}", file=sys.stderr, flush=True)
+    if out_dir:
+        atomic_write_json(out_dir / "real_check.json", {"settings": settings, "cases": results})
+        atomic_write_text(out_dir / "real_check.md", markdown(results, settings))
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt_path", default="models/model.pt")
+    parser.add_argument("--data", required=True, help="folder of real scans (any supported layout) or datalist")
+    parser.add_argument("--out", default="runs/real_check")
+    parser.add_argument("--gate_threshold", type=float, default=0.5)
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--fusion", choices=("mean", "max"), default="mean")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--subjects", nargs="*", default=None)
+    args = parser.parse_args(argv)
+    results = run_check(args.ckpt_path, args.data, args.out, args.gate_threshold, args.threshold, args.fusion,
+                        args.device, args.subjects)
+    settings = {"ckpt_path": args.ckpt_path, "gate_threshold": args.gate_threshold, "threshold": args.threshold,
+                "fusion": args.fusion}
+    print(markdown(results, settings))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
