@@ -107,6 +107,9 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
                                           ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--objective#reduction",
                                            "balanced", "--objective#partner_trust", "more_accurate", "--fusion", "mean",
                                            "--lr_schedule#warmup_epochs", "1", "--lr_schedule#decay", "cosine"]),
+    "domain_random": ("the default + domain randomisation of the training slices (anatomy, contrast curve and gamma, "
+                      "bias, resolution and blur, noise; scripts/data/randomisation.py)",
+                      ["--domain_randomisation#enabled", "true"]),
     "topk01_mean": ("top-k pooling (1 %) + mean fusion (validation, model selection)",
                     ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--fusion", "mean"]),
 }
