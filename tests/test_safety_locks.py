@@ -72,8 +72,9 @@ def test_training_workflow_on_a_locked_ckpt_dir_fails_before_training(holder, tm
 
 def test_inference_on_a_locked_output_dir_is_refused(holder, tmp_path):
     folder, pid = holder
+    # the input apart from the output folder (an output folder inside the input one is refused: issue #33)
     workflow = ConfigWorkflow(config_file=INFERENCE, meta_file=META, workflow_type="infer", bundle_root=str(REPO),
-                              dataset_dir=str(tmp_path), output_dir=str(folder))
+                              dataset_dir=str(tmp_path / "in"), output_dir=str(folder))
     with pytest.raises(Exception) as caught:
         workflow.initialize()
     assert isinstance(project_error(caught.value), LockError)

@@ -181,22 +181,28 @@ def label_warnings(seg: torch.Tensor, file: str, subject: str, layout: str | Non
     return _emit([message]) if log else [message]
 
 
-def mask_warning(mask: torch.Tensor, foreground: torch.Tensor, subject: str, log: bool = True) -> list[str]:
-    """A warning when `mask` covers more than MAX_TUMOUR_FRACTION of `foreground` (same shape).
+def mask_warning(mask: torch.Tensor, foreground: torch.Tensor, subject: str, log: bool = True,
+                 what: str = "mask") -> list[str]:
+    """A warning when `mask` covers more than MAX_TUMOUR_FRACTION of `foreground` (same shape), or
+    lies mostly outside it (the CAM mask and the stage-2 mask alike).
 
     Args:
         mask: the binary tumour mask.
         foreground: the voxels with brain (non-zero input).
         subject: the subject id, for the message.
         log: also log the warning.
+        what: the mask's name in the message ("mask", "stage-2 mask").
     """
-    inside = int(torch.as_tensor(foreground).bool().sum())
+    brain, mask = torch.as_tensor(foreground).bool(), torch.as_tensor(mask).bool()
+    inside = int(brain.sum())
     if inside == 0:
         return []
-    fraction = int((torch.as_tensor(mask).bool() & torch.as_tensor(foreground).bool()).sum()) / inside
-    if fraction <= MAX_TUMOUR_FRACTION:
+    fraction = int((mask & brain).sum()) / inside
+    outside = int((mask & ~brain).sum())
+    if fraction <= MAX_TUMOUR_FRACTION and outside <= 0.5 * int(mask.sum()):
         return []
-    message = (f"subject {subject}: the mask covers {100 * fraction:.1f} % of the brain (whole tumours cover less "
-               f"than {100 * MAX_TUMOUR_FRACTION:.0f} %); the input is probably unlike the training data (another "
-               f"contrast, intensity scale or noise). Do not trust this mask.")
+    beyond = f" and {outside} voxels outside it" if outside else ""
+    message = (f"subject {subject}: the {what} covers {100 * fraction:.1f} % of the brain{beyond} (whole tumours cover "
+               f"less than {100 * MAX_TUMOUR_FRACTION:.0f} % of the brain and none of the background); the input is "
+               f"probably unlike the training data (another contrast, intensity scale or noise). Do not trust this mask.")
     return _emit([message]) if log else [message]

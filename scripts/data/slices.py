@@ -127,7 +127,8 @@ def slice_zscore(image: torch.Tensor) -> torch.Tensor:
 
 class VolumeDataset(torch.utils.data.Dataset):
     """One item per subject for per-volume evaluation: image (K,H,W,D), mask (1,H,W,D) float32,
-    brain (D,), subject, spacing, has_mask.
+    brain (D,), subject, spacing, has_mask, present (the modalities with a file; a missing one is
+    zero-filled in `image` and its network skipped by the map engine, as at inference).
 
     Args:
         records: subject records.
@@ -148,4 +149,4 @@ class VolumeDataset(torch.utils.data.Dataset):
         cached = self.cache.get(self.records[item])
         return {"image": cached["image"][self.channel_indices].contiguous(), "mask": cached["mask"].float(),
                 "brain": cached["brain"], "subject": cached["subject"], "spacing": cached["spacing"],
-                "has_mask": cached["has_mask"]}
+                "has_mask": cached["has_mask"], "present": [m for m in self.modalities if m in cached["present"]]}

@@ -422,6 +422,37 @@ def read_checkpoint(path):
             f"<ckpt_dir>/model.pt), or pass --ckpt_path to another checkpoint.") from err
 
 
+class WrongCheckpoint(BundleError):
+    """A checkpoint of another kind (training state, stage-2 model) where the CAM model is needed."""
+
+
+def check_model_kind(state, path) -> None:
+    """Raise WrongCheckpoint when `state` is training's last.pt or a stage-2 model, not a CAM
+    model: without it either ended in "the checkpoint does not fit the network" (other settings?).
+
+    Args:
+        state: the loaded checkpoint.
+        path: its file, for the message.
+    """
+    if not isinstance(state, dict):
+        return
+    if "run_settings" in state and "network" in state:
+        raise WrongCheckpoint(f"{path} is training's last.pt (the network with its optimisers and random states, to "
+                              f"resume training), not a model. Fix: pass the model training keeps beside it, "
+                              f"{Path(path).with_name('model.pt')} (the best validation epoch), as --ckpt_path.")
+    extra = state.get("_extra_state")
+    if isinstance(extra, torch.Tensor) and extra.dtype == torch.uint8 and extra.dim() == 1 and extra.numel():
+        try:
+            kind = json.loads(bytes(extra.tolist()).decode()).get("kind")
+        except (ValueError, AttributeError):
+            kind = None
+        if kind is not None:  # CAM models record no kind; a stage-2 model records "stage2_segmentation"
+            raise WrongCheckpoint(f"{path} is a {kind} model (stage 2), not the CAM model this inference runs. Fix: "
+                                  f"pass the CAM model (e.g. models/model.pt) as --ckpt_path; to serve the stage-2 "
+                                  f"model add configs/stage2_inference.yaml to --config_file and pass it as "
+                                  f"--stage2_ckpt_path.")
+
+
 def checkpoint_settings(path) -> ModelSettings:
     """The settings recorded in a model checkpoint (all None when absent or not recorded); an
     existing file that cannot be read is an `UnreadableCheckpoint`."""
@@ -430,6 +461,7 @@ def checkpoint_settings(path) -> ModelSettings:
     state = read_checkpoint(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    check_model_kind(state, path)
     settings = ModelSettings.from_state(state.get("_extra_state") if isinstance(state, dict) else None)
     if settings.modalities is not None and settings.pooling is None:
         # recorded settings (modalities are always recorded) without a pooling: the network was built

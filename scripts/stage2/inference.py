@@ -33,10 +33,12 @@ from monai.transforms import Transform
 from monai.utils import convert_to_tensor
 
 from scripts.common import canonical_modalities
+from scripts.data.sanity import mask_warning
 from scripts.data.subjects import DataError
 from scripts.workflows.output_files import OutputManifest, file_name
 from scripts.precision import autocast, resolve_precision
 from scripts.runtime import as_flag
+from scripts.workflows.options import UNIT_INTERVAL, check_unit_interval
 
 MANIFEST_PREFIX = "stage2:"  # the stage-2 files' own manifest entry: a CAM rerun never deletes them
 
@@ -78,7 +80,7 @@ class Stage2Evaluator(Evaluator):
         super().__init__(device=device, val_data_loader=val_data_loader, postprocessing=postprocessing,
                          val_handlers=val_handlers, decollate=False)
         self.network = network
-        self.threshold = float(threshold)
+        self.threshold = check_unit_interval("stage2_threshold", threshold, UNIT_INTERVAL["stage2_threshold"])
         self.slice_batch_size = int(slice_batch_size)
         self.precision = precision
 
@@ -93,14 +95,21 @@ class Stage2Evaluator(Evaluator):
                             f"model (configs/inference.yaml alone), which runs on the modalities present.")
         return convert_to_tensor(item["image"], track_meta=False)[[present.index(m) for m in wanted]]
 
-    def predict(self, image: torch.Tensor) -> dict:
-        """{"stage2_prob", "stage2_mask"} of a (K, H, W, D) input from `network_input`."""
+    def predict(self, image: torch.Tensor, subject=None) -> dict:
+        """{"stage2_prob", "stage2_mask"} of a (K, H, W, D) input from `network_input`; a mask over
+        much of the brain or outside it is a warning with the numbers (as the CAM mask's).
+
+        Args:
+            image: the subject's channels in the network's order.
+            subject: the subject id, for the warning.
+        """
         probability = stage2_probability(self.network, image, self.slice_batch_size, self.precision)
+        mask_warning(probability > self.threshold, (image != 0).any(dim=0), str(subject), what="stage-2 mask")
         return {"stage2_prob": MetaTensor(probability[None]),
                 "stage2_mask": MetaTensor((probability > self.threshold)[None].to(torch.float32))}
 
     def subject_output(self, item: dict) -> dict:
-        return self.predict(self.network_input(item))
+        return self.predict(self.network_input(item), item.get("subject"))
 
     def _iteration(self, engine: Engine, batchdata) -> list[dict]:
         items = batchdata if isinstance(batchdata, list) else decollate_batch(batchdata)
@@ -142,10 +151,13 @@ class SaveStage2Maskd(Transform):
             raise RuntimeError(f"subject {subject}: the stage-2 mask {tuple(mask.shape[1:])} is not on the input grid "
                                f"{shape} (Invertd missing from the postprocessing?)")
         folder = self.output_dir / subject
+        targets = ([folder / f"{subject}_stage2_prob.nii.gz"] if self.write_probability else []) + [
+            folder / f"{subject}_stage2_mask.nii.gz"]
+        self.manifest.check_ours(data["subject"], targets)  # a user's own file of that name is never replaced
         saved = []
         if self.write_probability:
-            saved.append(write_nifti(folder / f"{subject}_stage2_prob.nii.gz", probability[0], affine, np.float32))
-        saved.append(write_nifti(folder / f"{subject}_stage2_mask.nii.gz", mask[0] > 0.5, affine, np.uint8))
+            saved.append(write_nifti(targets[0], probability[0], affine, np.float32))
+        saved.append(write_nifti(targets[-1], mask[0] > 0.5, affine, np.uint8))
         self.manifest.replace(MANIFEST_PREFIX + str(data["subject"]), saved, subject_id=str(data["subject"]))
         data["stage2_saved"] = [str(p) for p in saved]
         print(f"[stage2] {data['subject']}: mask -> {saved[-1]}", flush=True)
@@ -181,7 +193,7 @@ class CAMAndStage2Evaluator(Evaluator):
 
     def subject_output(self, item: dict) -> dict:
         image = self.stage2.network_input(item)  # a missing modality stops the run before either model runs
-        return {**self.cam.subject_maps(item), **self.stage2.predict(image)}
+        return {**self.cam.subject_maps(item), **self.stage2.predict(image, item.get("subject"))}
 
     def _iteration(self, engine: Engine, batchdata) -> list[dict]:
         items = batchdata if isinstance(batchdata, list) else decollate_batch(batchdata)

@@ -204,6 +204,7 @@ class LoadSubjectd(Transform):
             self.image_key: image,
             "subject": subject,
             "modalities": present,
+            "present": present,
             "missing": [m for m in self.modalities if m not in volumes],
             "files": {m: str(files[m]) for m in present},
             "input_shape": tuple(int(s) for s in first.shape[1:]),
@@ -270,7 +271,9 @@ class CAMMapEvaluator(Evaluator):
         if not any(m in channels for m in self.network.modalities):
             raise DataError(f"subject {item.get('subject')}: channels {channels} include none of the network's "
                             f"modalities {list(self.network.modalities)}. Fix: give inputs for these modalities.")
-        result = self.engine(self.network, image, channels=channels, brain=item.get("brain"))
+        # "present": the modalities with an input file (LoadSubjectd; VolumeDataset from the cache, where a
+        # missing one is zero-filled): the map engine's one rule skips the others' networks in both workflows.
+        result = self.engine(self.network, image, channels=channels, brain=item.get("brain"), present=item.get("present"))
         # Far from the training data (noise, another contrast) shows as a huge mask: say so.
         mask_warning(result.mask, (image != 0).any(dim=0), str(item.get("subject")))
         # MetaTensors: Invertd only inverts MetaTensors (it copies the image's transform trace).
@@ -310,7 +313,10 @@ def write_nifti(target, volume, affine: np.ndarray, dtype=np.float32) -> Path:
     """
     target = Path(target)
     writer = NibabelWriter(output_dtype=dtype)
-    writer.set_data_array(convert_to_tensor(volume, track_meta=False), channel_dim=None)
+    volume = convert_to_tensor(volume, track_meta=False)
+    writer.set_data_array(volume, channel_dim=None)
+    # set_data_array squeezes trailing singleton axes: a single-slice (X, Y, 1) input came back (X, Y)
+    writer.data_obj = writer.data_obj.reshape(tuple(volume.shape))
     writer.affine = np.asarray(affine, dtype=np.float64)
     with atomic_path(target) as tmp:
         writer.write(tmp)
@@ -349,9 +355,10 @@ class SaveSubjectMapsd(Transform):
             raise RuntimeError(f"subject {subject}: maps {tuple(pred.shape[1:])} are not on the input grid {shape}; "
                                f"the preprocessing was not inverted (Invertd missing from postprocessing?)")
         folder = self.output_dir / subject
-        saved = [write_nifti(folder / f"{subject}_cam_{name}.nii.gz", pred[i], affine, np.float32)
-                 for i, name in enumerate(data["map_names"])]
-        saved.append(write_nifti(folder / f"{subject}_mask.nii.gz", mask[0] > 0.5, affine, np.uint8))
+        targets = [folder / f"{subject}_cam_{name}.nii.gz" for name in data["map_names"]] + [folder / f"{subject}_mask.nii.gz"]
+        self.manifest.check_ours(data["subject"], targets)  # a user's own file of that name is never replaced
+        saved = [write_nifti(target, pred[i], affine, np.float32) for i, target in enumerate(targets[:-1])]
+        saved.append(write_nifti(targets[-1], mask[0] > 0.5, affine, np.uint8))
         # An earlier run's map of another modality would not match this mask; only files the
         # manifest lists as written by this bundle are removed.
         self.manifest.replace(data["subject"], saved)

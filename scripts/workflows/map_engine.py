@@ -31,6 +31,7 @@ from scripts.data.slices import slice_zscore
 from scripts.model.cams import DEFAULT_FUSION, FUSIONS, METHODS, TTA_CHOICES, _device_of, augmented_maps, binarise, fuse_maps, gate_maps
 from scripts.precision import autocast, resolve_precision
 from scripts.runtime import as_flag
+from scripts.workflows.options import UNIT_INTERVAL, check_choice, check_unit_interval
 
 SLICE_NORMALIZATIONS = ("none", "zscore")
 
@@ -66,6 +67,20 @@ def _channel_order(nets: Mapping[str, nn.Module], n_channels: int, channels) -> 
     if len(order) != n_channels:
         raise ValueError(f"channels {order} do not name the {n_channels} channels of the volume")
     return order
+
+
+def networks_to_run(nets, channels: Sequence[str], present: Sequence[str] | None = None) -> list[str]:
+    """The one rule for a missing modality, in evaluation and inference alike: the network of a
+    modality runs when the volume has its channel and the subject had its file (`present`; an
+    evaluation volume zero-fills a missing file under `allow_missing`, an inference volume leaves
+    it out); the fusion is over those networks.
+
+    Args:
+        nets: the networks, modality -> network (or their modalities), in network order.
+        channels: the modality of each channel of the volume.
+        present: the modalities that had an input file; None = every channel.
+    """
+    return [m for m in nets if m in channels and (present is None or m in present)]
 
 
 @dataclasses.dataclass
@@ -111,18 +126,17 @@ class MapEngine:
                  threshold: float = 0.5, tta: str | None = None, slice_batch_size: int = 32,
                  precision: str | None = None, slice_normalization: str | None = "none",
                  inferer: Inferer | None = None):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if tta not in TTA_CHOICES:
-            raise ValueError(f"tta must be one of {TTA_CHOICES}, got {tta!r}")
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        # the rules of scripts.workflows.options: the configs check the same values in `initialize`
+        check_choice("method", method, METHODS)
+        check_choice("tta", tta, TTA_CHOICES)
+        check_choice("fusion", fusion, FUSIONS)
         slice_normalization = slice_normalization or "none"
-        if slice_normalization not in SLICE_NORMALIZATIONS:
-            raise ValueError(f"slice_normalization must be one of {SLICE_NORMALIZATIONS}, got {slice_normalization!r}")
+        check_choice("slice_normalization", slice_normalization, SLICE_NORMALIZATIONS)
         # as_flag: `--gate false` arrives as the string 'false', which bool() would read as True
-        self.method, self.gate, self.gate_threshold = method, as_flag(gate, "gate"), float(gate_threshold)
-        self.fusion, self.threshold, self.tta = fusion, float(threshold), tta
+        self.method, self.gate = method, as_flag(gate, "gate")
+        self.gate_threshold = check_unit_interval("gate_threshold", gate_threshold, UNIT_INTERVAL["gate_threshold"])
+        self.fusion, self.tta = fusion, tta
+        self.threshold = check_unit_interval("threshold", threshold, UNIT_INTERVAL["threshold"])
         self.slice_batch_size = int(slice_batch_size)
         self.precision = precision
         self.slice_normalization = slice_normalization
@@ -157,8 +171,8 @@ class MapEngine:
         return out[:count], out[count:, 0, 0, :]
 
     def __call__(self, network, volume: torch.Tensor, channels: Sequence[str] | None = None,
-                 brain: torch.Tensor | None = None) -> VolumeMaps:
-        """Maps of the networks whose modality is among the volume's channels.
+                 brain: torch.Tensor | None = None, present: Sequence[str] | None = None) -> VolumeMaps:
+        """Maps of the networks whose modality is among the volume's channels and has an input.
 
         Args:
             network: a MultiModalCAM (or a dict modality -> network).
@@ -167,10 +181,11 @@ class MapEngine:
                 MODALITIES for a 4-channel volume).
             brain: (D,) slices holding brain; default `brain_slices(volume)`. Maps and
                 probabilities are zero elsewhere.
+            present: the modalities that had an input file (`networks_to_run`); None = every channel.
         """
         nets = as_modality_nets(network)
         order = _channel_order(nets, volume.shape[0], channels)
-        names = [m for m in nets if m in order]
+        names = networks_to_run(nets, order, present)
         if not names:
             raise ValueError(f"channels {order} include none of the networks' modalities {list(nets)}")
         image = torch.as_tensor(volume).as_subclass(torch.Tensor)

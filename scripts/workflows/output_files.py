@@ -16,7 +16,11 @@
   otherwise (e.g. `--subject a_b` with a new model.pt in a folder holding the old model's
   other subjects) it is refused before anything is written: rerun all of the folder's
   subjects with --overwrite true, or choose another --output_dir. Files of a manifest from
-  an older bundle (no checkpoint recorded) are not counted.
+  an older bundle (no checkpoint recorded) are not counted. A file at a name this run writes
+  that the manifest does not list (a user's own `<id>_mask.nii.gz`) is never replaced: the
+  run is refused, with or without --overwrite (`foreign_outputs`; the writers check again).
+- `check_output_outside_input` refuses an output folder that is, lies inside or contains the
+  input folder: outputs among the scans were read back as a subject (`<id>_cam`).
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ from pathlib import Path
 from typing import Iterable, Sequence
 from urllib.parse import quote, unquote
 
-from scripts.common import OUTPUT_MANIFEST, atomic_write_json
+from scripts.common import MODALITIES, OUTPUT_MANIFEST, atomic_write_json
 from scripts.data.subjects import DataError
 from scripts.runtime import BundleError, as_flag
 
 MANIFEST_NAME = OUTPUT_MANIFEST
 MAX_NAME_BYTES = 200  # leaves room for '_cam_flair.nii.gz' and temp-file affixes under 255
+# What the writers add to a subject's name (SaveSubjectMapsd, scripts.stage2.inference.SaveStage2Maskd).
+OUTPUT_SUFFIXES = tuple(f"_cam_{m}.nii.gz" for m in (*MODALITIES, "fused")) + (
+    "_mask.nii.gz", "_stage2_mask.nii.gz", "_stage2_prob.nii.gz")
 
 
 def file_name(subject) -> str:
@@ -132,6 +139,24 @@ class OutputManifest:
         atomic_write_json(self.path, {"version": 2, "files": entries, "written_by": written_by})
         self._files = entries
 
+    def foreign(self, files: Sequence[os.PathLike]) -> list[Path]:
+        """Those of `files` that exist but that no run of this bundle wrote (no manifest entry lists them)."""
+        listed = {(self.output_dir / p).absolute() for entry in read_manifest(self.output_dir).values() for p in entry}
+        return [Path(f) for f in files if Path(f).exists() and Path(f).absolute() not in listed]
+
+    def check_ours(self, subject, files: Sequence[os.PathLike]) -> None:
+        """Raise BundleError when one of `files` (about to be written) is a file this bundle did not write.
+
+        Args:
+            subject: the subject id, for the message.
+            files: the files a writer is about to write.
+        """
+        foreign = self.foreign(files)
+        if foreign:
+            raise BundleError(f"subject {subject}: {foreign[0]} exists but no run of this bundle wrote it (not in "
+                              f"{self.path}); it is never replaced. Fix: move it out of {self.output_dir}, or choose "
+                              f"another --output_dir.")
+
     def replace(self, subject, files: Sequence[os.PathLike], subject_id: str | None = None) -> list[Path]:
         """Record `files` for `subject`; delete the subject's earlier files not among them
         (e.g. a modality's map from a run with other inputs). Returns the deleted files."""
@@ -176,6 +201,48 @@ def earlier_results(output_dir, patterns: Sequence[str] = ("*/*_mask.nii.gz",)) 
     return sorted(found)
 
 
+def foreign_outputs(output_dir, subjects: Iterable) -> list[Path]:
+    """Files at the names a run for `subjects` writes (`OUTPUT_SUFFIXES`) that no run of this bundle wrote.
+
+    Args:
+        output_dir: the run's output folder.
+        subjects: the subject ids the run writes.
+    """
+    folder = Path(output_dir)
+    targets = [folder / file_name(s) / f"{file_name(s)}{suffix}" for s in subjects for suffix in OUTPUT_SUFFIXES]
+    return OutputManifest(folder).foreign(targets) if folder.is_dir() else []
+
+
+def check_output_outside_input(output_dir, dataset_dir=None, files=None) -> None:
+    """Refuse an --output_dir that is, lies inside or contains the input folder (a datalist: its folder).
+
+    Outputs written among the scans were taken for a subject on the next run (`<id>_cam_t1.nii.gz`
+    ... read as subject `<id>_cam`); discovery also skips folders holding a manifest.
+
+    Args:
+        output_dir: the run's output folder.
+        dataset_dir: the input folder, a subject's folder or a datalist JSON.
+        files: files named one by one (then `dataset_dir` is not read: nothing to check).
+    """
+    if files or dataset_dir is None:
+        return
+    data = Path(dataset_dir).expanduser().resolve()
+    if data.is_file():
+        data = data.parent
+    out = Path(output_dir).expanduser().resolve()
+    if out == data:
+        relation = "is the input folder"
+    elif data in out.parents:
+        relation = f"lies inside the input folder --dataset_dir {data}"
+    elif out in data.parents:
+        relation = f"contains the input folder --dataset_dir {data}"
+    else:
+        return
+    raise BundleError(f"--output_dir {out} {relation}: outputs (<id>/<id>_cam_<modality>.nii.gz, ...) would sit among "
+                      f"the scans, where a later run takes them for a subject or writes into a subject's folder. Fix: "
+                      f"choose an --output_dir outside {data} (e.g. {data.parent / (data.name + '_cmer')}).")
+
+
 def claim_output_dir(output_dir, overwrite: bool = False, patterns: Sequence[str] = ("*/*_mask.nii.gz",),
                      checkpoints: Sequence | None = None, subjects: Sequence | None = None) -> Path:
     """Refuse a folder that already holds results, unless `overwrite`; refuse a run that would
@@ -186,9 +253,24 @@ def claim_output_dir(output_dir, overwrite: bool = False, patterns: Sequence[str
         overwrite: True replaces earlier results (files the bundle did not write are kept).
         patterns: glob patterns of result files (relative to output_dir).
         checkpoints: the checkpoint files whose outputs this run writes (None: not checked).
-        subjects: the subject ids this run writes (None: not checked).
+        subjects: the subject ids this run writes (None: not checked; given: files at the names it writes
+            that no run of this bundle wrote are refused, with or without `overwrite`).
     """
     found = earlier_results(output_dir, patterns)
+    if subjects is not None:
+        foreign = foreign_outputs(output_dir, subjects)
+        if foreign:
+            shown = ", ".join(str(p.relative_to(output_dir)) for p in foreign[:3])
+            raise BundleError(f"--output_dir {output_dir} holds {len(foreign)} file(s) where this run writes its outputs "
+                              f"that no run of this bundle wrote (not in its {MANIFEST_NAME}; e.g. {shown}); they are "
+                              f"never replaced, even with --overwrite true. Fix: move them out of {output_dir}, or choose "
+                              f"another --output_dir.")
+        listed = set(earlier_results(output_dir, ()))
+        if found and not listed and not as_flag(overwrite, "overwrite"):
+            shown = ", ".join(str(p.relative_to(output_dir)) for p in found[:3])
+            raise BundleError(f"--output_dir {output_dir} holds {len(found)} file(s) named like results that no run of "
+                              f"this bundle wrote (not in its {MANIFEST_NAME}; e.g. {shown}). Fix: choose another "
+                              f"--output_dir, or pass --overwrite true to write beside them (they are kept).")
     if found and not as_flag(overwrite, "overwrite"):
         shown = ", ".join(str(p.relative_to(output_dir)) for p in found[:3])
         raise BundleError(f"--output_dir {output_dir} already holds results of an earlier run ({len(found)} files, e.g. "
