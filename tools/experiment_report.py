@@ -206,37 +206,71 @@ def best_epochs(data: dict, run: str) -> dict[str, dict]:
     return out
 
 
-def compare_claims(data: dict, claims=CLAIMS) -> list[dict]:
-    """The paired test of every claim (better run and map, worse run and map, label) on the document's rows."""
+def compare_claims(data: dict, claims=CLAIMS, registration=None) -> list[dict]:
+    """The tests of every claim (better run and map, worse run and map, label) on the document's rows.
+
+    Primary: a paired t test over the seed means (`experiment_stats.seed_comparison`), Holm-corrected over
+    the claims that have one (`verdict`, `reason`, `p_value`, `p_holm`, `ci_low` / `ci_high` over seeds).
+    Secondary: the paired Wilcoxon test per (seed, subject) (`volume_*`, Holm-corrected in its own family).
+    With `registration` (`tools.experiment_claims.Registration`) and the records' provenance
+    (`data['provenance']`): when each claim was defined and whether that was after a record it reads
+    (`post_hoc`).
+    """
     seed = data.get("statistics", {}).get("bootstrap_seed", st.BOOTSTRAP_SEED)
     out = []
-    for better, better_map, worse, worse_map, label in claims:
-        result = st.paired_comparison(keyed_values(data, better, better_map), keyed_values(data, worse, worse_map),
-                                      seed=seed)
+    for claim in claims:
+        better, better_map, worse, worse_map, label = claim
+        b, w = keyed_values(data, better, better_map), keyed_values(data, worse, worse_map)
+        volume = st.paired_comparison(b, w, seed=seed)
+        result = {**{f"volume_{k}": v for k, v in volume.items()}, "n": volume["n"],
+                  "mean_better": volume["mean_better"], "mean_worse": volume["mean_worse"], **st.seed_comparison(b, w)}
         if better not in data["runs"] or worse not in data["runs"]:
-            result.update(verdict=PENDING, reason="a run is not recorded yet")
+            result.update(verdict=PENDING, reason="a run is not recorded yet", volume_verdict=PENDING)
         out.append({"claim": label, "better": better, "better_map": better_map, "worse": worse,
                     "worse_map": worse_map, "map": better_map, "metric": "dsc", **result})
+    tested = [c for c in out if c["verdict"] != PENDING]
+    st.apply_holm(tested)
+    st.apply_holm(tested, prefix="volume_")
+    if registration is not None:
+        provenance = data.get("provenance") or {}
+        for claim, entry in zip(claims, out):
+            reads = {}
+            for run in (entry["better"], entry["worse"]):
+                name = record_name(run)
+                for seed_name in data["runs"].get(run, {}):
+                    if f"{seed_name}/{name}" in provenance:
+                        reads[(name, seed_name)] = provenance[f"{seed_name}/{name}"]
+            entry.update(registration.check(claim, reads))
     return out
 
 
+def record_name(evaluation: str) -> str:
+    """The run record an evaluation comes from: 'cam@t1_t2' and 'cam.gradcampp' -> 'cam'."""
+    return evaluation.split("@")[0].split(".")[0]
+
+
 def build_document(*, command: str, seeds, pairs, runs: dict, wall: dict, settings: dict, machine: dict,
-                   figures: list, dataset: str, commands=None) -> dict:
+                   figures: list, dataset: str, commands=None, provenance: dict | None = None,
+                   registration=None) -> dict:
     """The results.json object: provenance, per-seed rows, pooled summaries and claim tests.
 
     `runs` is {run name: {seed key: run_record(...)}} (pair evaluations as 'cam@t1_t2');
-    `commands` every command that contributed rows (default: `command`).
+    `commands` every command that contributed rows (default: `command`); `provenance`
+    {'seed<s>/<record>': {commit, date}} of the records and `registration` (`tools.experiment_claims`)
+    date each claim against them.
     """
     data = {
         "command": command, "commands": list(commands or [command]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
         "machine": machine, "seeds": [int(s) for s in seeds], "dataset": dataset, "pairs": [list(p) for p in pairs],
         "statistics": {"confidence": st.CONFIDENCE, "alpha": st.ALPHA, "min_pairs": st.MIN_PAIRS,
+                       "min_seeds": st.MIN_SEEDS, "correction": "holm",
                        "bootstrap_samples": st.BOOTSTRAP_SAMPLES, "bootstrap_seed": st.BOOTSTRAP_SEED},
         "settings": settings, "wall_seconds": wall, "figures": list(figures), "runs": runs,
+        "provenance": dict(provenance or {}),
     }
     data["summary"] = {run: run_summary(data, run) for run in runs}
-    data["comparisons"] = compare_claims(data)
+    data["comparisons"] = compare_claims(data, registration=registration)
     return jsonable(data)
 
 

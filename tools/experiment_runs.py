@@ -67,16 +67,19 @@ def train(run: Run, folder: Path, plan: Plan, overrides: dict) -> float:
 
 
 def evaluate(run: Run, plan: Plan, overrides: dict, modalities, ckpt_path: Path, out_dir: Path,
-             readout: str | None = None):
-    """Evaluate a checkpoint on the test split with the bundle's evaluation workflow.
+             readout: str | None = None, split: str = "testing"):
+    """Evaluate a checkpoint on a datalist split with the bundle's evaluation workflow.
 
-    `readout` replaces the CAM read-out (e.g. "gradcampp", the paper's second block).
-    Returns (EvaluationResult, the run's settings for the record).
+    `readout` replaces the CAM read-out (e.g. "gradcampp", the paper's second block). The validation
+    split records the model's operating point beside `ckpt_path`, choosing the fusion too
+    (scripts.workflows.operating_point); the test split reports its DSC at it.
+    Returns (EvaluationResult, the run's settings for the record, the report's operating point).
     """
     files = _config_files("configs/train.yaml", *plan.presets, f"configs/methods/{run.method}.yaml",
                           "configs/evaluate.yaml")
     overrides = {**overrides, "modalities": list(modalities), "ckpt_path": str(ckpt_path),
                  "output_dir": str(out_dir), "eval_title": f"{run.name} ({'-'.join(modalities)})",
+                 "eval_split": split, "choose_fusion": True,
                  "overwrite": True}  # the runner owns its eval folders: a rerun replaces them
     if run.method == "full_supervision":  # a segmentation network: its softmax, ungated
         overrides.update(method="softmax", gate=False)
@@ -84,7 +87,8 @@ def evaluate(run: Run, plan: Plan, overrides: dict, modalities, ckpt_path: Path,
         overrides.update(method=readout, eval_title=f"{run.name}, {readout} ({'-'.join(modalities)})")
     workflow = _workflow(files, "evaluating", overrides)
     workflow.run()
-    return workflow.parser.get_parsed_content("evaluate#report").result, run_settings(workflow.parser)
+    report_handler = workflow.parser.get_parsed_content("evaluate#report")
+    return report_handler.result, run_settings(workflow.parser), report_handler.operating_point
 
 
 def run_settings(parser) -> dict:
@@ -170,24 +174,37 @@ def stage1_record(run: Run, ctx: Context) -> dict:
     model = folder / "models" / "model.pt"
     print(f"\n=== evaluating {run.key} ===", flush=True)
     start = time.time()
-    result, settings = evaluate(run, plan, overrides, run.modalities, model, folder / "eval")
+    validation, _, chosen = evaluate(run, plan, overrides, run.modalities, model, folder / "eval_validation",
+                                     split="validation")  # records the operating point beside model.pt
+    result, settings, at_test = evaluate(run, plan, overrides, run.modalities, model, folder / "eval")
     evaluations = {run.name: _evaluation(result)}
+    point = operating_point_record(chosen, at_test, validation)
     plain = tuple(run.modalities) == MODALITIES and not run.overrides
     first = run.seed == plan.seeds[0]
     if plain and first and run.method in BASELINES + ("full_supervision",):
         for a, b in plan.pairs:
             sub = sub_checkpoint(model, MODALITIES, (a, b), folder / "models" / f"model_{a}_{b}.pt")
-            pair, _ = evaluate(run, plan, overrides, (a, b), sub, folder / f"eval_{a}_{b}")
+            pair, _, _ = evaluate(run, plan, overrides, (a, b), sub, folder / f"eval_{a}_{b}")
             evaluations[f"{run.name}@{a}_{b}"] = _evaluation(pair)
     for readout in plan.readouts.get(run.name, ()) if plain and first else ():
-        extra, _ = evaluate(run, plan, overrides, run.modalities, model, folder / f"eval_{readout}", readout)
+        extra, _, _ = evaluate(run, plan, overrides, run.modalities, model, folder / f"eval_{readout}", readout)
         evaluations[f"{run.name}.{readout}"] = _evaluation(extra)
     overlay = None
     if plain and first:
         files = _config_files("configs/train.yaml", *plan.presets, f"configs/methods/{run.method}.yaml")
         overlay = figs.overlay_masks(model, run.name, files, {**overrides, "modalities": list(run.modalities)})
     return {"evaluations": evaluations, "settings": settings, "model_sha256": file_sha256(model), "overlay": overlay,
-            "wall_seconds": {"train": wall, "evaluate": time.time() - start}, "curves": validation_curves(folder)}
+            "wall_seconds": {"train": wall, "evaluate": time.time() - start}, "curves": validation_curves(folder),
+            "operating_point": point}
+
+
+def operating_point_record(chosen: dict | None, at_test: dict | None, validation) -> dict | None:
+    """The record's operating point: chosen on the validation split (per map and per fusion: threshold, mean DSC,
+    area under the DSC curve), the validation DSC curves it was read from, and the test DSC at it."""
+    if not chosen:
+        return None
+    return report.jsonable({"validation": chosen["this_split"], "validation_sweep": report.run_record([], validation.sweep)
+                            ["sweep"], "test": (at_test or {}).get("at_recorded")})
 
 
 def validation_curves(folder: Path) -> dict | None:

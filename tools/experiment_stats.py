@@ -13,7 +13,17 @@ test split of every seed that ran it:
   over test volumes only. The cell records which of the two it is (`ci_kind`). An interval
   is clipped to the metric's range when one is given (`bounds`: DSC in [0, 1], ASSD >= 0).
 
-Paired comparisons (`paired_comparison`) take two runs' values keyed by (seed, subject), so
+Claims are tested at the level of runs first (`seed_comparison`, the primary verdict): each seed
+gives one number per side, the mean over the test volumes both runs evaluated in that seed, and the
+claim is a paired Student t test over those seed means (two-sided, df = seeds - 1) with the t
+interval of the mean difference. A seed is one draw of everything that varies between runs
+(training seed, phantom, split), so this is what "the method is better" means; volumes of one run
+share its weights and are not independent draws of it. With fewer than `MIN_SEEDS` paired seeds
+there is no seed-level test and the claim is inconclusive ("one seed"). The p-values of the claim
+list are corrected for multiplicity with Holm's step-down method (`holm`), and the verdict reads
+the adjusted p.
+
+Per volume, as the secondary analysis: paired comparisons (`paired_comparison`) take two runs' values keyed by (seed, subject), so
 only volumes both runs evaluated, with the same training seed and data, are paired. The
 difference is `better - worse` in the paper's direction. Reported: the number of pairs, the
 mean difference, a seeded paired percentile bootstrap interval of the mean difference and the
@@ -39,6 +49,7 @@ from scipy import stats
 ALPHA = 0.05
 CONFIDENCE = 0.95
 MIN_PAIRS = 6
+MIN_SEEDS = 3  # a t test over fewer seed means has at most one degree of freedom
 BOOTSTRAP_SAMPLES = 10000
 BOOTSTRAP_SEED = 0
 
@@ -159,3 +170,100 @@ def paired_comparison(better: Mapping, worse: Mapping, confidence: float = CONFI
     else:
         out["reason"] = f"p >= {alpha:g}" if math.isfinite(out["p_value"]) else "the test gave no p-value"
     return out
+
+
+# ----------------------------------------------------------------------------- runs, not volumes
+
+
+def seed_means(better: Mapping, worse: Mapping) -> dict[str, tuple[float, float]]:
+    """{seed: (mean of `better`, mean of `worse`)} over the volumes both sides hold (finite) in that seed.
+
+    Args:
+        better: values keyed by (seed, subject).
+        worse: values keyed by (seed, subject).
+    """
+    keys, a, b = paired_values(better, worse)
+    out: dict[str, list] = {}
+    for (seed, _), x, y in zip(keys, a, b):
+        out.setdefault(str(seed), []).append((x, y))
+    return {seed: (float(np.mean([x for x, _ in v])), float(np.mean([y for _, y in v]))) for seed, v in out.items()}
+
+
+def seed_comparison(better: Mapping, worse: Mapping, confidence: float = CONFIDENCE, alpha: float = ALPHA,
+                    min_seeds: int = MIN_SEEDS) -> dict:
+    """The claim `better > worse` tested over seed means: paired t over the seeds both sides ran.
+
+    Args:
+        better: values keyed by (seed, subject).
+        worse: values keyed by (seed, subject).
+        confidence: level of the t interval of the mean seed difference.
+        alpha: the level of the (unadjusted) verdict; `apply_holm` replaces it by the adjusted one.
+        min_seeds: fewest paired seeds for a test.
+
+    Returns:
+        {seeds, seed_differences {seed: difference}, mean_difference, ci_low, ci_high, statistic, p_value,
+        verdict, reason}; NaN statistics and "inconclusive" below `min_seeds` seeds.
+    """
+    means = seed_means(better, worse)
+    d = np.asarray([x - y for x, y in means.values()], dtype=float)
+    out = {"seeds": len(means), "seed_differences": {s: x - y for s, (x, y) in means.items()},
+           "mean_difference": float(d.mean()) if d.size else math.nan, "ci_low": math.nan, "ci_high": math.nan,
+           "statistic": math.nan, "p_value": math.nan, "verdict": INCONCLUSIVE, "reason": ""}
+    if d.size < min_seeds:
+        out["reason"] = (f"{d.size} seed{'s' if d.size != 1 else ''}: no seed-level test (needs {min_seeds})"
+                         if d.size else "no paired volumes (a run is missing)")
+        return out
+    out["ci_low"], out["ci_high"] = t_interval(d, confidence)
+    if np.ptp(d) <= 1e-12 * max(1.0, float(np.abs(d).max())):  # no spread: t is infinite (p = 0) unless d = 0
+        if abs(d[0]) <= 1e-12:
+            out["reason"] = "every seed gives a zero difference"
+            return out
+        out["statistic"], out["p_value"] = math.copysign(math.inf, d[0]), 0.0
+    else:
+        test = stats.ttest_1samp(d, 0.0)
+        out["statistic"], out["p_value"] = float(test.statistic), float(test.pvalue)
+    out["verdict"] = verdict(out["mean_difference"], out["p_value"], alpha)
+    out["reason"] = _reason(out["verdict"], out["p_value"], alpha)
+    return out
+
+
+def _reason(result: str, p_value: float, alpha: float, what: str = "p") -> str:
+    if result == REPRODUCED:
+        return f"{what} < {alpha:g}, in the paper's direction"
+    if result == NOT_REPRODUCED:
+        return f"{what} < {alpha:g}, opposite to the paper"
+    return f"{what} >= {alpha:g}" if math.isfinite(p_value) else "the test gave no p-value"
+
+
+def holm(p_values) -> list[float]:
+    """Holm's step-down adjusted p-values (same order; NaN / None stay NaN and are not counted in the family).
+
+    Args:
+        p_values: the raw p-values of the family.
+    """
+    p = [math.nan if v is None else float(v) for v in p_values]
+    tested = sorted((v, i) for i, v in enumerate(p) if math.isfinite(v))
+    m, running, out = len(tested), 0.0, [math.nan] * len(p)
+    for rank, (value, index) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * value))
+        out[index] = running
+    return out
+
+
+def apply_holm(results: list[dict], alpha: float = ALPHA, p_key: str = "p_value", prefix: str = "") -> list[dict]:
+    """Add `<prefix>p_holm` to each result and set `<prefix>verdict` / `<prefix>reason` from it (in place).
+
+    Args:
+        results: dicts with `<prefix>mean_difference` and `<prefix><p_key>`; one family.
+        alpha: the family-wise level.
+        p_key: the raw p-value's key.
+        prefix: the key prefix of one analysis ('' for seed-level, 'volume_' for per-volume).
+    """
+    adjusted = holm([r.get(prefix + p_key) for r in results])
+    family = sum(math.isfinite(a) for a in adjusted)
+    for r, a in zip(results, adjusted):
+        r[prefix + "p_holm"] = a
+        if math.isfinite(a):
+            r[prefix + "verdict"] = verdict(r[prefix + "mean_difference"], a, alpha)
+            r[prefix + "reason"] = _reason(r[prefix + "verdict"], a, alpha, f"Holm p (family of {family})")
+    return results

@@ -14,12 +14,22 @@ import shutil
 from pathlib import Path
 
 from scripts.common import atomic_write_text
+from tools import experiment_readouts as ro
 from tools import paper_numbers as paper
+from tools.experiment_figures import FIG4, OVERLAYS
 from tools.experiment_report import (ABLATIONS, BASELINES, DEEPLAB_RUN, MAIN_ROWS, MAP_ORDER, PAIR_KEYS,
                                      SWITCH_PREFIX, TRANSFORM_KINDS, best_epochs, cell, map_names, run_summary,
                                      transform_runs)
 
 READOUT = "gradcampp"
+READOUT_NOTE = (
+    "The tables above binarise every method's fused map at the recipe's read-out (mean fusion, threshold 0.5). "
+    "That read-out was chosen in the stage-1 study on CMER runs only (docs/recipe.md), so it is CMER's operating "
+    "point, not the baselines'. Below: the same networks at the paper's read-out (max fusion, 0.5), at the "
+    "operating point chosen on each model's validation split (scripts/workflows/operating_point.py; records "
+    "written before it existed show '-'), and at the best threshold on the test split itself (an oracle: an "
+    "upper bound for any threshold, not a fair read-out), with the threshold-free area under the DSC curve. "
+    "Every number is read off the DSC-versus-threshold curves the records hold.")
 LABELS = {"cam": "CAM", "seam_scale": "SEAM (scale)", "seam_all": "SEAM (all)", "cmer": "CMER (proposed)",
           "stage2": "stage 2, `auto` pseudo-masks", "stage2_all": "stage 2, all four maps fused (the paper's)",
           "full_supervision": "full supervision (upper bound)"}
@@ -220,19 +230,51 @@ def table_learning(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table_claims(data: dict) -> str:
-    """The paired tests of the paper's claims: a count per verdict, then difference, interval, Wilcoxon p, verdict."""
-    conf = _num(100 * data["statistics"]["confidence"], digits=0)
-    counts = {}
+def verdict_counts(data: dict, key: str = "verdict") -> dict:
+    """{verdict: number of claims} of the primary (`verdict`) or the per-volume (`volume_verdict`) analysis."""
+    counts: dict[str, int] = {}
     for c in data["comparisons"]:
-        counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1
-    lines = ["Verdicts: " + ", ".join(f"{verdict} {n}" for verdict, n in counts.items()) + ".", "",f"| claim | pairs | better | worse | difference [{conf} % CI] | Wilcoxon p | verdict | reason |",
-             "|---|---|---|---|---|---|---|---|"]
+        counts[c.get(key, c["verdict"])] = counts.get(c.get(key, c["verdict"]), 0) + 1
+    return counts
+
+
+def claims_summary(data: dict) -> str:
+    """One paragraph: the verdict counts of both analyses, the claims without a seed-level test, the post hoc ones."""
+    comparisons = data["comparisons"]
+    primary, volume = verdict_counts(data), verdict_counts(data, "volume_verdict")
+    few = sum(1 for c in comparisons if c["verdict"] != "pending" and c.get("seeds", 0) < data["statistics"].get(
+        "min_seeds", 3))
+    tested = sum(1 for c in comparisons if c.get("p_holm") is not None and math.isfinite(c["p_holm"]))
+    post_hoc = [c["claim"] for c in comparisons if c.get("post_hoc")]
+    text = (f"**Seed level (the verdict):** {', '.join(f'{v} {n}' for v, n in primary.items())} of {len(comparisons)} "
+            f"claims; {tested} have a seed-level test (Holm family of {tested}), {few} rest on fewer than "
+            f"{data['statistics'].get('min_seeds', 3)} seeds and are inconclusive at this level. "
+            f"**Per volume (secondary, Holm):** {', '.join(f'{v} {n}' for v, n in volume.items())}.")
+    if any(c.get("post_hoc") is not None for c in comparisons):
+        text += (f" **Post hoc:** {len(post_hoc)} claim{'s' if len(post_hoc) != 1 else ''} defined after records "
+                 "they read (marked † below)." if post_hoc else " Every claim was defined before the records it reads.")
+    return text + "\n"
+
+
+def _p(value) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3g}"
+
+
+def table_claims(data: dict) -> str:
+    """The claims: seed-level difference, t interval, t-test p and Holm p, verdict; the per-volume Wilcoxon beside
+    it (secondary); when each claim was defined (post hoc marked)."""
+    conf = _num(100 * data["statistics"]["confidence"], digits=0)
+    lines = [claims_summary(data), f"| claim | seeds (volumes) | better | worse | difference [{conf} % CI over seeds] "
+             "| t-test p (Holm) | **verdict** | per volume: Wilcoxon p (Holm), verdict | defined | reason |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in data["comparisons"]:
         diff = f"{_num(c['mean_difference'], 100)} [{_num(c['ci_low'], 100)}, {_num(c['ci_high'], 100)}]"
-        p = "-" if c["p_value"] is None else f"{c['p_value']:.3g}"
-        lines.append(f"| {c['claim']} | {c['n']} | {_num(c['mean_better'], 100)} | {_num(c['mean_worse'], 100)} "
-                     f"| {diff} | {p} | **{c['verdict']}** | {c['reason']} |")
+        volume = f"{_p(c.get('volume_p_value'))} ({_p(c.get('volume_p_holm'))}), {c.get('volume_verdict', '-')}"
+        defined = "-" if not c.get("defined_commit") else f"{c['defined_commit']}" + (" †" if c.get("post_hoc") else "")
+        lines.append(f"| {c['claim']}{' †' if c.get('post_hoc') else ''} | {c.get('seeds', '-')} ({c['n']}) "
+                     f"| {_num(c['mean_better'], 100)} | {_num(c['mean_worse'], 100)} | {diff} "
+                     f"| {_p(c.get('p_value'))} ({_p(c.get('p_holm'))}) | **{c['verdict']}** | {volume} | {defined} "
+                     f"| {c['reason']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -292,8 +334,11 @@ def render_page(data: dict, figure_dir: str = "", title: str = "Experiments", no
     s = data["statistics"]
     conf, alpha = _num(100 * s["confidence"], digits=0), s["alpha"]
     figures = [f"{figure_dir}{name}" for name in data.get("figures", [])]
+    fig4 = [f for f in figures if f.endswith(FIG4)]
+    figures = [f for f in figures if not f.endswith(FIG4)]
     parts = [
-        f"# {title}", "", *([note, ""] if note else []), *_status_lines(data), *_setting_lines(data), "",
+        f"# {title}", "", *([note, ""] if note else []), *([ro.headline(data), ""] if ro.headline(data) else []),
+        f"{claims_summary(data)}", *_status_lines(data), *_setting_lines(data), "",
         f"Per-volume 3D DSC (%) and ASSD (mm) on the test split: mean ± std over the test volumes of every "
         f"seed pooled, then the {conf} % interval of the mean in brackets: a t interval on the per-seed means "
         f"when a cell has two or more seeds, else a percentile bootstrap over the volumes "
@@ -317,11 +362,23 @@ def render_page(data: dict, figure_dir: str = "", title: str = "Experiments", no
         "The classifier of each modality (slice tumour / healthy) and its map's DSC at the epoch whose weights "
         "were kept (fused: no accuracy); per-epoch curves in the figure `curves` below.", "", table_learning(data),
         "## Test DSC (%) by tumour grade: HGG / LGG (volumes of every seed)", "", table_by_grade(data),
-        "## The paper's claims, paired per volume", "",
-        f"Volumes paired by seed and subject; difference = better - worse in DSC points; {conf} % paired "
-        f"bootstrap interval; two-sided Wilcoxon signed-rank test. Reproduced: the paper's direction and "
-        f"p < {alpha:g}; not reproduced: the opposite direction and p < {alpha:g}; inconclusive otherwise "
-        f"(also with fewer than {s['min_pairs']} non-zero differences); pending: a run not recorded yet.", "",
+        "## Read-outs: the operating point, the paper's read-out and the threshold sweep", "", READOUT_NOTE, "",
+        *([f"![Fig. 4]({fig4[0]})", ""] if fig4 else []),
+        "Fused test DSC (%) per main method and seed at each read-out (threshold in brackets):", "",
+        ro.readout_table(data),
+        "Fused gaps (DSC points), mean over seeds [95 % t interval over seeds, paired by seed]:", "", ro.gap_table(data),
+        "Threshold-free: area under the test DSC-versus-threshold curve (%, 0.05-0.95, divided by the range), mean "
+        "over seeds:", "", ro.area_table(data),
+        "## The paper's claims, tested over seeds (per volume as a secondary analysis)", "",
+        f"Primary: each seed gives one number per side (the mean DSC over the test volumes both runs evaluated); "
+        f"difference = better - worse in DSC points, with the {conf} % t interval over the seed differences; "
+        f"two-sided paired t test over the seed means (none with fewer than {s.get('min_seeds', 3)} seeds), "
+        f"p-values Holm-corrected over the claims tested. Reproduced: the paper's direction and Holm p < {alpha:g}; "
+        f"not reproduced: the opposite direction and Holm p < {alpha:g}; inconclusive otherwise; pending: a run not "
+        "recorded yet. Secondary: the two-sided Wilcoxon signed-rank test over volumes paired by seed and subject "
+        "(its own Holm family); volumes of one run share its weights, so it measures the spread over test volumes, "
+        "not over training runs. Defined: the commit from which the claims file (tools/experiment_report.py) holds "
+        "the claim unchanged; † = post hoc, defined after a record it reads existed (tools/experiment_claims.py).", "",
         table_claims(data),
         "## Figures", "", *[f"![{Path(f).stem}]({f})" for f in figures], "",
         "## Training wall time (s)", "", "| run | seconds |", "|---|---|",
@@ -342,6 +399,8 @@ def write_docs(results_json: str | os.PathLike, docs_path: str | os.PathLike) ->
             figure_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, figure_dir / f"results_{name}")
             copied.append(f"results_{name}")
+    if OVERLAYS not in data.get("figures", []) and data.get("overlays") and (figure_dir / f"results_{OVERLAYS}").is_file():
+        copied.append(f"results_{OVERLAYS}")  # not redrawn (--report-only reads no data): the committed one stays
     note = ("Generated by `python -m tools.experiments` (the commands below, with `--report-only --write-docs`) "
             "from the committed run records; every number on this page comes from them. Do not edit by hand: "
             "rerun the command. Why a claim is not reproduced or inconclusive, with its evidence: "

@@ -45,6 +45,7 @@ from tools import experiment_figures as figs
 from tools import experiment_records as rec
 from tools import experiment_report as report
 from tools import experiment_tables as tables
+from tools.experiment_claims import Registration
 from tools.experiment_plan import (DEFAULT_SEEDS, QUICK_SEEDS, SEEDED_KEYS, Plan, Run, full_plan, quick_plan,
                                    run_overrides, selected)
 from tools.experiment_report import BUNDLE_ROOT, seed_key
@@ -209,10 +210,13 @@ def results_document(plan: Plan, records_dir: Path, allow_mixed: bool = False) -
     """The results.json object built from the plan's records (every seed of the plan)."""
     records = rec.load_records(records_dir, _plan_names(plan), set(plan.seeds))
     variants = rec.check_uniform(records, allow_mixed)
-    runs, wall, settings, overlays, curves = {}, {}, {}, {}, {}
+    runs, wall, settings, overlays, curves, points, provenance = {}, {}, {}, {}, {}, {}, {}
     for (seed, name), record in sorted(records.items(), key=lambda item: (plan.seeds.index(item[0][0]), item[0][1])):
         for evaluation, rows in record["evaluations"].items():
             runs.setdefault(evaluation, {})[seed_key(seed)] = rows
+        provenance[f"{seed_key(seed)}/{name}"] = {"commit": record.get("commit"), "date": record.get("date")}
+        if record.get("operating_point"):
+            points.setdefault(name, {})[seed_key(seed)] = record["operating_point"]
         wall[f"{seed_key(seed)}/{name}"] = (record.get("wall_seconds") or {}).get("train")
         if record.get("modalities") == list(MODALITIES) and not record.get("overrides") and record.get("settings"):
             settings.setdefault(seed_key(seed), record["settings"])
@@ -226,23 +230,30 @@ def results_document(plan: Plan, records_dir: Path, allow_mixed: bool = False) -
     machines = _machines(records)
     data = report.build_document(
         command=commands[-1] if commands else "", seeds=plan.seeds, pairs=plan.pairs, runs=runs, wall=wall,
-        settings=settings, machine=machines[0] if machines else {}, figures=[], dataset=dataset, commands=commands)
+        settings=settings, machine=machines[0] if machines else {}, figures=[], dataset=dataset, commands=commands,
+        provenance=provenance, registration=Registration(report.CLAIMS))
     pending = [r.key for r in plan.runs if (r.seed, r.name) not in records]
     data.update(machines=machines, variants=variants if len(variants) > 1 else [], overlays=overlays, curves=curves,
+                operating_points=points,
                 planned_runs=len(plan.runs), pending_runs=pending,
                 recipe=variants[0]["recipe"] if variants else {}, records=str(records_dir))
     return report.jsonable(data)
 
 
 def write_report(plan: Plan, out_dir: Path, common: dict, records_dir: Path, figures: bool = True,
-                 allow_mixed: bool = False) -> Path:
-    """results.json from the records, the figures from it (when `figures`), then tables.md; returns tables.md."""
+                 allow_mixed: bool = False, overlays: bool = True) -> Path:
+    """results.json from the records, the figures from it (when `figures`), then tables.md; returns tables.md.
+
+    `overlays` False leaves Fig. 5 alone: it is the one figure that needs the data (the images under the
+    recorded masks), which --report-only neither makes nor reads."""
     data = results_document(plan, records_dir, allow_mixed)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if figures:
+        figs.fig4_figure(data, out_dir)
         figs.sweep_figures(data, out_dir)
         figs.transform_figure(data, out_dir, report.transform_runs())
         figs.curves_figure(data, out_dir)
-        if data["overlays"]:
+        if data["overlays"] and overlays:
             first = Run("cam", "cam", seed=plan.seeds[0])
             try:
                 figs.overlay_figure(data["overlays"], _config_files("configs/train.yaml", *plan.presets),
@@ -356,7 +367,8 @@ def main(argv=None) -> int:
                          None if args.no_report else partial, command, args.allow_mixed)
             if args.no_report:
                 return 0
-        page = write_report(plan, out_dir, common, records_dir, allow_mixed=args.allow_mixed)
+        page = write_report(plan, out_dir, common, records_dir, allow_mixed=args.allow_mixed,
+                            overlays=not args.report_only)
     except rec.MixedRecords as err:
         parser.exit(2, f"error: {err}\n")
     print(f"\n{page.read_text()}\nwrote {page} in {time.time() - start:.0f} s", flush=True)

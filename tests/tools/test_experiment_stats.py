@@ -90,3 +90,42 @@ def test_verdict_rules():
     assert st.verdict(-0.1, 0.01) == st.NOT_REPRODUCED
     assert st.verdict(0.1, 0.2) == st.INCONCLUSIVE
     assert st.verdict(0.1, float("nan")) == st.INCONCLUSIVE
+
+
+# ----------------------------------------------------------------------------- seed level, Holm
+
+
+def _by_seed(levels: dict, n: int = 5, noise: float = 0.0) -> dict:
+    """{(seed, subject): value}: each seed's level plus a per-subject spread."""
+    spread = np.linspace(-noise, noise, n)
+    return {(seed, f"s{i}"): level + spread[i] for seed, level in levels.items() for i in range(n)}
+
+
+def test_seed_level_test_pairs_seed_means_and_needs_three_seeds():
+    better = _by_seed({"seed1": 0.60, "seed2": 0.70, "seed3": 0.65}, noise=0.1)
+    worse = _by_seed({"seed1": 0.40, "seed2": 0.45, "seed3": 0.50}, noise=0.1)
+    result = st.seed_comparison(better, worse)
+    assert result["seeds"] == 3 and result["seed_differences"] == pytest.approx(
+        {"seed1": 0.2, "seed2": 0.25, "seed3": 0.15})
+    expected = stats.ttest_1samp([0.2, 0.25, 0.15], 0.0)
+    assert result["p_value"] == pytest.approx(expected.pvalue) and result["verdict"] == st.REPRODUCED
+    low, high = st.t_interval([0.2, 0.25, 0.15])
+    assert (result["ci_low"], result["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+    # many volumes of two seeds: still no seed-level test
+    two = st.seed_comparison(_by_seed({"a": 0.9, "b": 0.8}, n=40), _by_seed({"a": 0.1, "b": 0.2}, n=40))
+    assert two["verdict"] == st.INCONCLUSIVE and "2 seeds" in two["reason"] and math.isnan(two["p_value"])
+    # one seed reversed: the volumes would agree, the seeds do not
+    mixed = st.seed_comparison(_by_seed({"a": 0.6, "b": 0.7, "c": 0.3}), _by_seed({"a": 0.4, "b": 0.5, "c": 0.4}))
+    assert mixed["verdict"] == st.INCONCLUSIVE and mixed["p_value"] > 0.05
+
+
+def test_holm_adjusts_step_down_and_skips_untested_claims():
+    assert st.holm([0.01, 0.04, 0.03, None, 0.005]) == pytest.approx([0.03, 0.06, 0.06, math.nan, 0.02], nan_ok=True)
+    assert st.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # monotone, capped at 1
+    results = [{"mean_difference": 0.1, "p_value": 0.02}, {"mean_difference": -0.1, "p_value": 0.001},
+               {"mean_difference": 0.1, "p_value": 0.06}, {"mean_difference": 0.1, "p_value": math.nan,
+                                                             "verdict": st.INCONCLUSIVE, "reason": "1 seed"}]
+    st.apply_holm(results)
+    assert [r["verdict"] for r in results] == [st.REPRODUCED, st.NOT_REPRODUCED, st.INCONCLUSIVE, st.INCONCLUSIVE]
+    assert results[0]["p_holm"] == pytest.approx(0.04) and "family of 3" in results[0]["reason"]
+    assert results[3]["reason"] == "1 seed"  # untested: left as it was

@@ -14,7 +14,7 @@ def test_quick_experiments_write_every_table_and_figure(tmp_path):
     assert code == 0
     tables = (out / "tables.md").read_text()
     for heading in ("Table II analogue", "Table I analogue", "Table III analogue", "Table V analogue",
-                    "paired per volume"):
+                    "tested over seeds"):
         assert heading in tables
     for run in ("| CAM |", "| SEAM (all) |", "| CMER (proposed) |", "| stage 2, `auto` pseudo-masks |",
                 "CMER trained on the pair", "CMER (proposed) (GradCAM++)"):
@@ -48,6 +48,14 @@ def test_quick_experiments_write_every_table_and_figure(tmp_path):
     assert record["curves"]["key_metric"] == "val_dsc_fused" and "val_acc_t1" in record["curves"]["epochs"][0]
     assert "| CMER (proposed) | 1, 1 |" in tables and (out / "curves.png").stat().st_size > 0
     assert (out / "sweep_fused.png").stat().st_size > 0
+    # the operating point: chosen on validation (threshold per fusion), recorded beside model.pt and in the record,
+    # read back on the test split; the paper's max fusion swept beside the default's
+    point = record["operating_point"]
+    assert point["validation"]["split"] == "validation" and set(point["validation"]["fusions"]) == {"mean", "max"}
+    assert "chosen" in point["test"] and "fused" in point["validation_sweep"]
+    assert (out / "runs" / "seed1" / "cmer" / "models" / "model.operating_point.json").is_file()
+    assert "fused_max" in record["evaluations"]["cmer"]["sweep"]
+    assert (out / "fig4_threshold.png").stat().st_size > 0 and "Read-outs" in tables
     assert (out / "overlays.png").stat().st_size > 0
     # a second call reuses the trained models, keeps the other runs' rows and writes the docs page
     model = out / "runs" / "seed0" / "cmer" / "models" / "model.pt"
