@@ -201,8 +201,8 @@ def mask_warning(mask: torch.Tensor, foreground: torch.Tensor, subject: str, log
     outside = int((mask & ~brain).sum())
     if fraction <= MAX_TUMOUR_FRACTION and outside <= 0.5 * int(mask.sum()):
         return []
-    beyond = f" and {outside} voxels outside it" if outside else ""
-    message = (f"subject {subject}: the {what} covers {100 * fraction:.1f} % of the brain{beyond} (whole tumours cover "
-               f"less than {100 * MAX_TUMOUR_FRACTION:.0f} % of the brain and none of the background); the input is "
-               f"probably unlike the training data (another contrast, intensity scale or noise). Do not trust this mask.")
+    beyond = f" and {outside} voxels outside it (tumours lie inside the brain)" if outside else ""
+    message = (f"subject {subject}: the {what} covers {100 * fraction:.1f} % of the brain (whole tumours cover less "
+               f"than {100 * MAX_TUMOUR_FRACTION:.0f} %){beyond}; the input is probably unlike the training data "
+               f"(another contrast, intensity scale or noise). Do not trust this mask.")
     return _emit([message]) if log else [message]

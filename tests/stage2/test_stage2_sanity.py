@@ -37,8 +37,8 @@ def test_a_stage2_mask_over_the_brain_and_background_is_a_warning(caplog):
         output = evaluator.predict(image, "Case01")
     assert bool(output["stage2_mask"].all())
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warning.startswith("subject Case01: the stage-2 mask covers 100.0 % of the brain and 1200 voxels outside it "
-                              "(whole tumours cover less than 30 % of the brain and none of the background)"), warning
+    assert warning.startswith("subject Case01: the stage-2 mask covers 100.0 % of the brain (whole tumours cover less "
+                              "than 30 %) and 1200 voxels outside it (tumours lie inside the brain)"), warning
     assert "Do not trust this mask." in warning
 
 
@@ -50,7 +50,8 @@ def test_a_mask_mostly_outside_the_brain_is_flagged_even_when_small_inside():
     assert mask_warning(mask, brain, "S", log=False) == []
     mask[6:] = True  # 160 voxels outside
     (message,) = mask_warning(mask, brain, "S", log=False, what="stage-2 mask")
-    assert message.startswith("subject S: the stage-2 mask covers 4.0 % of the brain and 160 voxels outside it")
+    assert message.startswith("subject S: the stage-2 mask covers 4.0 % of the brain (whole tumours cover less than "
+                              "30 %) and 160 voxels outside it")
 
 
 def test_a_stage2_threshold_outside_the_unit_interval_is_refused():
