@@ -16,6 +16,8 @@ case and map (each modality's gated map, and the fused one):
                   how well the map localises when the gate is right (map vs gate failure)
     recall        tumour-slice recall: share of tumour slices whose gate opens (fused: mask non-empty)
     healthy_fire  share of healthy brain slices whose gate opens (fused: mask non-empty)
+    p_tumour      median tumour probability of the network's slice classifier on tumour slices, and
+                  `p_healthy` on healthy brain slices: how far from the gate threshold it misses
     tumour_z      median intensity of reference tumour voxels after preprocessing, and the
                   healthy brain's 99th percentile (`brain_p99`): an intensity mismatch shows here
 
@@ -34,7 +36,8 @@ import numpy as np
 import torch
 
 FUSED = "fused"
-COLUMNS = ("dsc", "best_dsc", "best_t", "oracle_dsc", "recall", "healthy_fire", "tumour_z", "brain_p99")
+COLUMNS = ("dsc", "best_dsc", "best_t", "oracle_dsc", "recall", "healthy_fire", "p_tumour", "p_healthy", "tumour_z",
+           "brain_p99")
 
 
 def load_model(ckpt_path: str, device: torch.device):
@@ -96,6 +99,10 @@ def score_case(gated, ungated, image: torch.Tensor, truth: torch.Tensor | None, 
         row = dict.fromkeys(COLUMNS)
         row["healthy_fire"] = float(fired[healthy_slices].mean()) if healthy_slices.any() else None
         if name != FUSED:
+            probability = gated.probabilities[index].numpy()
+            row["p_healthy"] = float(np.median(probability[healthy_slices])) if healthy_slices.any() else None
+            if tumour_slices is not None and tumour_slices.any():
+                row["p_tumour"] = float(np.median(probability[tumour_slices]))
             channel = image[gated.names.index(name) if name in gated.names else index].numpy()
             healthy = channel[brain_voxels & ~truth_np] if truth_np is not None else channel[brain_voxels]
             row["brain_p99"] = float(np.percentile(healthy, 99)) if healthy.size else None

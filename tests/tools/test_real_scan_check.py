@@ -35,6 +35,7 @@ def test_scores_a_case_with_reference_and_describes_one_without(tmp_path, monkey
     assert labelled["flair"]["recall"] == 1.0 and labelled["flair"]["healthy_fire"] == 0.0
     assert labelled["flair"]["oracle_dsc"] >= labelled["flair"]["dsc"] - 1e-6
     assert labelled["flair"]["tumour_z"] > labelled["flair"]["brain_p99"]
+    assert labelled["flair"]["p_tumour"] > 0.5 > labelled["flair"]["p_healthy"]
     assert unlabelled["fused"]["dsc"] is None and unlabelled["fused"]["healthy_fire"] is not None
     written = json.loads((tmp_path / "out" / "real_check.json").read_text())
     assert written["cases"]["Labelled"]["fused"]["dsc"] == labelled["fused"]["dsc"]
