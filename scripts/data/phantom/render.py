@@ -32,7 +32,7 @@ TUMOUR_TEXTURE = {
     "oedema": {"t1": 0.42, "t2": 0.45, "pd": 0.06},
 }
 TUMOUR_TEXTURE_MM = (1.5, 4.0, 10.0)  # several scales, equal weights
-TUMOUR_TEXTURE_WEIGHTS = (1.0, 1.0, 1.0)
+TUMOUR_TEXTURE_WEIGHTS = (0.25, 0.5, 1.0)  # fine scales weak: real tumours are smooth at the voxel scale (docs/recipe.md, "Real scans")
 WATER_COUPLING = 0.7  # share of the T2 texture that follows the T1 ("water") texture
 
 # Acquisition, drawn per subject and modality.
@@ -102,7 +102,7 @@ def render_clean(anatomy: dict, confounders: dict, box: tuple[slice, ...], tumou
     shape = anatomy["mask"].shape
     inside = anatomy["mask"] > 0
     # Normal tissue, on brain voxels only.
-    normal_texture = {key: texture_field(rng, shape, spacing, NORMAL_TEXTURE_MM, (1.0, 1.0))[inside]
+    normal_texture = {key: texture_field(rng, shape, spacing, NORMAL_TEXTURE_MM, (1.0, 1.0), voxel_average=True)[inside]
                       for key in ("water", "own", "other")}
     wmh, vessel, flow = (confounders[k][inside] for k in ("wmh", "vessel", "csf_flow"))
     csf = csf_fraction(anatomy)[inside]
@@ -113,8 +113,8 @@ def render_clean(anatomy: dict, confounders: dict, box: tuple[slice, ...], tumou
     maps = {t: _relaxation_maps(properties[t], normal_texture, NORMAL_TEXTURE) for t in fractions}
     # Tumour compartments: in the box only, with their own stronger texture.
     box_inside = inside[box]
-    tumour_texture = {key: texture_field(rng, box_inside.shape, spacing, TUMOUR_TEXTURE_MM,
-                                         TUMOUR_TEXTURE_WEIGHTS)[box_inside] for key in ("water", "own", "other")}
+    tumour_texture = {key: texture_field(rng, box_inside.shape, spacing, TUMOUR_TEXTURE_MM, TUMOUR_TEXTURE_WEIGHTS,
+                                         voxel_average=True)[box_inside] for key in ("water", "own", "other")}
     tumour_fracs = {t: f[box_inside] for t, f in tumour_fractions.items()}
     tumour_maps = {t: _relaxation_maps(properties[t], tumour_texture, TUMOUR_TEXTURE[t]) for t in tumour_fracs}
     box_index = np.zeros(shape, bool)
