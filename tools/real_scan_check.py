@@ -20,6 +20,11 @@ case and map (each modality's gated map, and the fused one):
                   `p_healthy` on healthy brain slices: how far from the gate threshold it misses
     tumour_z      median intensity of reference tumour voxels after preprocessing, and the
                   healthy brain's 99th percentile (`brain_p99`): an intensity mismatch shows here
+    hf_ratio      fine texture: std of x - mean3x3(x) inside the tumour over that inside normal
+                  brain (brain edges left out); real tumours are smoother than their surroundings
+
+`--speckle SD` (a diagnostic that reads the reference) adds N(0, SD) noise, in z units, inside the
+reference tumour after preprocessing: whether a network's gate waits for texture, not intensity.
 
 A developer tool (nothing here trains or selects a model): the project is judged on real scans
 it never tuned on (../shared/real-dev/README.md).
@@ -37,7 +42,7 @@ import torch
 
 FUSED = "fused"
 COLUMNS = ("dsc", "best_dsc", "best_t", "oracle_dsc", "recall", "healthy_fire", "p_tumour", "p_healthy", "tumour_z",
-           "brain_p99")
+           "brain_p99", "hf_ratio")
 
 
 def load_model(ckpt_path: str, device: torch.device):
@@ -51,17 +56,29 @@ def load_model(ckpt_path: str, device: torch.device):
     return network.to(device).eval(), settings
 
 
-def prepare_case(record: dict, settings: dict) -> dict:
+def prepare_case(record: dict, settings: dict, smooth_mm: float = 0.0) -> dict:
     """One subject through inference's loading and preprocessing; the seg (if any) on the same grid.
+
+    Args:
+        record: the subject's record (scripts.data.subjects).
+        settings: the model's recorded settings (modalities, spacing, spatial_size, normalization).
+        smooth_mm: a diagnostic: Gaussian blur (sigma, mm) of the scans as loaded, before the
+            preprocessing resamples them (0 = inference's route exactly).
 
     Returns {"image": (K, H, W, D) tensor, "modalities": [...], "truth": (H, W, D) bool or None}.
     """
+    from monai.transforms import GaussianSmooth
+
     from scripts.data.preprocessing import volume_preprocessing
     from scripts.data.volumes import load_volume
     from scripts.workflows.inference import LoadSubjectd
 
     loaded = LoadSubjectd(settings["modalities"])(dict(record))
-    data, label_keys = {"image": loaded["image"]}, []
+    image = loaded["image"]
+    if smooth_mm > 0:
+        sigma = [float(smooth_mm) / float(s) for s in image.pixdim]
+        image = GaussianSmooth(sigma=sigma)(image)  # a MetaTensor in, a MetaTensor (same affine) out
+    data, label_keys = {"image": image}, []
     if record.get("seg"):
         data["seg"] = load_volume(record["seg"], str(record["subject"]), "seg")
         label_keys = ["seg"]
@@ -70,6 +87,20 @@ def prepare_case(record: dict, settings: dict) -> dict:
     image = torch.as_tensor(prep["image"]).as_subclass(torch.Tensor).float()
     truth = torch.as_tensor(prep["seg"]).as_subclass(torch.Tensor)[0] > 0 if label_keys else None
     return {"image": image, "modalities": loaded["modalities"], "truth": truth}
+
+
+def fine_texture_ratio(channel: np.ndarray, truth: np.ndarray, brain: np.ndarray) -> float | None:
+    """Std of the residual x - mean3x3(x), in-plane, inside the tumour over inside normal brain.
+
+    Pixels next to the background are left out (the brain's edge is not texture)."""
+    from scipy import ndimage as ndi
+
+    residual = channel - ndi.uniform_filter(channel, size=(3, 3, 1), mode="nearest")
+    inner = ndi.binary_erosion(brain, structure=np.ones((3, 3, 1), bool))
+    tumour, normal = inner & truth, inner & ~truth
+    if tumour.sum() < 10 or normal.sum() < 10:
+        return None
+    return float(residual[tumour].std() / max(residual[normal].std(), 1e-6))
 
 
 def _dsc(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -108,6 +139,7 @@ def score_case(gated, ungated, image: torch.Tensor, truth: torch.Tensor | None, 
             row["brain_p99"] = float(np.percentile(healthy, 99)) if healthy.size else None
             if truth_np is not None and truth_np.any():
                 row["tumour_z"] = float(np.median(channel[truth_np]))
+                row["hf_ratio"] = fine_texture_ratio(channel, truth_np, brain_voxels)
         if truth_np is not None:
             row["dsc"] = _dsc(volume > threshold, truth_np)
             curve = dice_curve(volume.astype(np.float32), truth_np, DEFAULT_SWEEP)
@@ -141,7 +173,10 @@ def overlay(case: str, prepared: dict, gated, threshold: float, out_png: Path) -
         volume = gated.fused if name == FUSED else gated.maps[r]
         for c, z in enumerate(zs):
             ax = fig.add_subplot(len(names), len(zs), r * len(zs) + c + 1)
-            rgb = cam_overlay(np.rot90(image[k, :, :, z]), np.rot90(volume[:, :, z].numpy()),
+            plane = image[k, :, :, z]
+            if (plane != 0).any():  # background shown as the darkest brain value, not as mid-grey z = 0
+                plane = np.where(plane != 0, plane, plane[plane != 0].min())
+            rgb = cam_overlay(np.rot90(plane), np.rot90(volume[:, :, z].numpy()),
                               None if truth is None else np.rot90(truth[:, :, z].numpy()))
             rgb[contour_of(np.rot90(volume[:, :, z].numpy() > threshold))] = (255, 0, 0)
             ax.imshow(rgb, interpolation="nearest")
@@ -167,7 +202,8 @@ def markdown(results: dict, settings: dict) -> str:
 
 
 def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float = 0.5, threshold: float = 0.5,
-              fusion: str = "mean", device: str = "cpu", subjects=None) -> dict:
+              fusion: str = "mean", device: str = "cpu", subjects=None, smooth_mm: float = 0.0,
+              speckle: float = 0.0) -> dict:
     """Score every case under `data` (module docstring); write the table, JSON and overlays to `out`.
 
     Args:
@@ -179,6 +215,9 @@ def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float 
         fusion: "mean" or "max" over the modalities.
         device: torch device name.
         subjects: only these subject ids (default all).
+        smooth_mm: diagnostic Gaussian blur of the scans before preprocessing (`prepare_case`).
+        speckle: diagnostic N(0, speckle) noise (z units) inside the reference tumour, after
+            preprocessing (cases without a reference are left as they are).
 
     Returns:
         {case: {map: {column: value}}}.
@@ -195,14 +234,17 @@ def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float 
     ungated_engine = MapEngine(gate=False, fusion=fusion, threshold=threshold,
                                slice_normalization=model["slice_normalization"])
     settings = {"ckpt_path": str(ckpt_path), "gate_threshold": gate_threshold, "threshold": threshold,
-                "fusion": fusion, "model": model}
+                "fusion": fusion, "smooth_mm": smooth_mm, "speckle": speckle, "model": model}
     results = {}
     out_dir = Path(out) if out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     for record in records:
         case = str(record["subject"])
-        prepared = prepare_case(record, model)
+        prepared = prepare_case(record, model, smooth_mm)
+        if speckle > 0 and prepared["truth"] is not None:
+            noise = torch.randn(prepared["image"].shape, generator=torch.Generator().manual_seed(0))
+            prepared["image"] = prepared["image"] + float(speckle) * noise * prepared["truth"]
         gated = gated_engine(network, prepared["image"].to(torch_device), channels=prepared["modalities"])
         ungated = ungated_engine(network, prepared["image"].to(torch_device), channels=prepared["modalities"])
         results[case] = score_case(gated, ungated, prepared["image"], prepared["truth"], threshold, gate_threshold)
@@ -225,9 +267,12 @@ def main(argv=None) -> int:
     parser.add_argument("--fusion", choices=("mean", "max"), default="mean")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--subjects", nargs="*", default=None)
+    parser.add_argument("--smooth_mm", type=float, default=0.0, help="diagnostic: blur the scans first (sigma, mm)")
+    parser.add_argument("--speckle", type=float, default=0.0,
+                        help="diagnostic: N(0, SD) noise inside the reference tumour (z units)")
     args = parser.parse_args(argv)
     results = run_check(args.ckpt_path, args.data, args.out, args.gate_threshold, args.threshold, args.fusion,
-                        args.device, args.subjects)
+                        args.device, args.subjects, args.smooth_mm, args.speckle)
     settings = {"ckpt_path": args.ckpt_path, "gate_threshold": args.gate_threshold, "threshold": args.threshold,
                 "fusion": args.fusion}
     print(markdown(results, settings))

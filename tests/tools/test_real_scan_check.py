@@ -36,6 +36,7 @@ def test_scores_a_case_with_reference_and_describes_one_without(tmp_path, monkey
     assert labelled["flair"]["oracle_dsc"] >= labelled["flair"]["dsc"] - 1e-6
     assert labelled["flair"]["tumour_z"] > labelled["flair"]["brain_p99"]
     assert labelled["flair"]["p_tumour"] > 0.5 > labelled["flair"]["p_healthy"]
+    assert labelled["flair"]["hf_ratio"] is not None and labelled["flair"]["hf_ratio"] >= 0
     assert unlabelled["fused"]["dsc"] is None and unlabelled["fused"]["healthy_fire"] is not None
     written = json.loads((tmp_path / "out" / "real_check.json").read_text())
     assert written["cases"]["Labelled"]["fused"]["dsc"] == labelled["fused"]["dsc"]
@@ -53,3 +54,17 @@ def test_a_silent_network_scores_zero(tmp_path, monkeypatch):
     monkeypatch.setattr(check, "load_model", lambda path, device: (model.eval(), dict(SETTINGS)))
     rows = check.run_check("unused.pt", str(data), None)["Labelled"]
     assert rows["fused"]["dsc"] == 0.0 and rows["t1"]["recall"] == 0.0
+
+
+def test_fine_texture_ratio_tells_speckle_from_smooth():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    brain = np.zeros((40, 40, 3), bool)
+    brain[4:36, 4:36] = True
+    truth = np.zeros_like(brain)
+    truth[14:26, 14:26] = True
+    smooth = np.where(brain, 1.0 + 0.1 * rng.standard_normal(brain.shape), 0.0) + 2.0 * truth
+    speckled = smooth + 1.0 * rng.standard_normal(brain.shape) * truth
+    smooth_ratio, speckled_ratio = (check.fine_texture_ratio(x, truth, brain) for x in (smooth, speckled))
+    assert speckled_ratio > 2.0 * smooth_ratio and speckled_ratio > 3.0
