@@ -184,6 +184,16 @@ def test_torchrun_two_processes_train_with_one_writer(tmp_path):
                "--bundle_root", str(tmp_path), *TINY]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     log = result.stdout + result.stderr
+    if result.returncode != 0 and "terminate called without an active exception" in log \
+            and len(re.findall(r"CMERTrainer - INFO - Engine run finished", log)) == 2:
+        # An open flake (2026-12-07, in the full suite only, never alone): a rank aborts in process
+        # teardown after both ranks finished training. One retry, in a fresh folder; any other failure,
+        # or the same one twice, fails the test.
+        retry = tmp_path / "retry"
+        command[command.index("--bundle_root") + 1] = str(retry)
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        log = result.stdout + result.stderr
+        tmp_path = retry
     assert result.returncode == 0, log[-4000:]
     # both processes trained and validated their shard (torchrun prefixes nothing: count engine ends)
     assert len(re.findall(r"CMERTrainer - INFO - Engine run finished", log)) == 2, log[-4000:]
