@@ -124,7 +124,7 @@ def score_case(gated, ungated, image: torch.Tensor, truth: torch.Tensor | None, 
     for index, name in enumerate(names):
         volume = (gated.fused if name == FUSED else gated.maps[index]).numpy()
         if name == FUSED:
-            fired = volume.reshape(-1, volume.shape[-1]).__gt__(threshold).any(0)
+            fired = (volume > threshold).reshape(-1, volume.shape[-1]).any(0)  # the mask is non-empty on the slice
         else:
             fired = gated.probabilities[index].numpy() > gate_threshold
         row = dict.fromkeys(COLUMNS)
@@ -134,7 +134,7 @@ def score_case(gated, ungated, image: torch.Tensor, truth: torch.Tensor | None, 
             row["p_healthy"] = float(np.median(probability[healthy_slices])) if healthy_slices.any() else None
             if tumour_slices is not None and tumour_slices.any():
                 row["p_tumour"] = float(np.median(probability[tumour_slices]))
-            channel = image[gated.names.index(name) if name in gated.names else index].numpy()
+            channel = image[index].numpy()  # the image's channels are the networks' modalities, in order
             healthy = channel[brain_voxels & ~truth_np] if truth_np is not None else channel[brain_voxels]
             row["brain_p99"] = float(np.percentile(healthy, 99)) if healthy.size else None
             if truth_np is not None and truth_np.any():
