@@ -16,9 +16,9 @@ the tumour, not the phantom:
 
 These are MONAI's RandAffine / Rand2DElastic, RandHistogramShift, RandAdjustContrast,
 RandBiasField, RandSimulateLowResolution, RandGaussianSmooth and RandRicianNoise, written here
-in batched torch because MONAI's run per item: measured 100-200 ms per 80 x 80 slice of four
-modalities on 2 CPU cores (the elastic warp, the smoothing kernel and the histogram curve
-dominate), 2-3x a whole training step for a batch of 16; here a batch costs a few ms.
+in batched torch because MONAI's run per item: measured on a quiet 2-core Zen 4 (fp32), MONAI's
+chain costs 17.6 ms per 80 x 80 slice of four modalities, 280 ms per batch of 16 (about 20 % of a
+training step), the batched version 28 ms per batch (about 2 %).
 
 Slices arrive z-scored over their volume's brain with a background of exactly 0, and must
 leave that way (inference normalises the same): each modality's brain is put on [0, 1] before
