@@ -110,6 +110,8 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "domain_random": ("the default + domain randomisation of the training slices (anatomy, contrast curve and gamma, "
                       "bias, resolution and blur, noise; scripts/data/randomisation.py)",
                       ["--domain_randomisation#enabled", "true"]),
+    "base8": ("the default with UNetCAM at base 8 channels instead of 16 (a cheaper step: issue 32)",
+              ["--base_channels", "8"]),
     "topk01_mean": ("top-k pooling (1 %) + mean fusion (validation, model selection)",
                     ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--fusion", "mean"]),
 }

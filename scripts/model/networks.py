@@ -74,8 +74,12 @@ class UNetCAM(torch.nn.Module):
         stage = {"act": _ACT, "norm": _NORM, "bias": True, "dropout": None}  # None: no no-op Dropout layer
         # Parameter-free nearest x2 upsampling, no halving conv: the skip is concatenated
         # to the upsampled tensor at full width, as in the authors' network.
+        # is_pad=False: `_pad_to_multiple` makes every skip match its upsampled tensor, so
+        # MONAI's default replicate pad would always be zero-width: a full copy (and its
+        # backward, ~4 % of a CPU step) that also stops torch.compile (inductor fails on
+        # replication_pad2d_backward). Same outputs, same state_dict.
         up = {"upsample": "nontrainable", "pre_conv": None, "interp_mode": "nearest",
-              "align_corners": None, "halves": False}
+              "align_corners": None, "halves": False, "is_pad": False}
         self.encoder0 = TwoConv(2, in_channels, b, **stage)
         self.down1 = Down(2, b, 2 * b, **stage)
         self.down2 = Down(2, 2 * b, 4 * b, **stage)

@@ -62,6 +62,26 @@ def test_unet_pads_to_multiple_of_8_and_crops_back(small_unet):
         torch.testing.assert_close(small_unet(x), expected)
 
 
+@pytest.mark.parametrize("size", [(29, 30), (17, 9), (80, 80)])
+def test_unet_without_upcat_pad_matches_monai_default(small_unet, size):
+    # UNetCAM builds UpCat with is_pad=False (a zero-width replicate pad costs a copy per
+    # stage and blocks torch.compile): the same weights with MONAI's default is_pad=True
+    # must give the same maps and gradients on any size, since `_pad_to_multiple` aligns
+    # every skip connection.
+    assert not any(m.is_pad for m in (small_unet.up1, small_unet.up2, small_unet.up3))
+    padded = UNetCAM(in_channels=1, num_classes=2, base_channels=8).eval()
+    padded.load_state_dict(small_unet.state_dict())
+    for stage in (padded.up1, padded.up2, padded.up3):
+        stage.is_pad = True
+    x = torch.randn(2, 1, *size, requires_grad=True)
+    x_padded = x.detach().clone().requires_grad_(True)
+    ours, theirs = small_unet(x), padded(x_padded)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    ours.square().sum().backward()
+    theirs.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_padded.grad, rtol=0, atol=0)
+
+
 def test_unet_scripts_and_matches_eager(small_unet):
     scripted = torch.jit.script(small_unet)
     x = torch.randn(2, 1, 30, 27)
