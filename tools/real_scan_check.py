@@ -203,7 +203,7 @@ def markdown(results: dict, settings: dict) -> str:
 
 def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float = 0.5, threshold: float = 0.5,
               fusion: str = "mean", device: str = "cpu", subjects=None, smooth_mm: float = 0.0,
-              speckle: float = 0.0) -> dict:
+              speckle: float = 0.0, normalization: str | None = None) -> dict:
     """Score every case under `data` (module docstring); write the table, JSON and overlays to `out`.
 
     Args:
@@ -218,6 +218,8 @@ def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float 
         smooth_mm: diagnostic Gaussian blur of the scans before preprocessing (`prepare_case`).
         speckle: diagnostic N(0, speckle) noise (z units) inside the reference tumour, after
             preprocessing (cases without a reference are left as they are).
+        normalization: the intensity normalisation of the scans (None: the model's recorded
+            one; "robust" clips each modality to its brain's 0.5-99.5th percentiles first).
 
     Returns:
         {case: {map: {column: value}}}.
@@ -228,6 +230,8 @@ def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float 
 
     torch_device = torch.device(device)
     network, model = load_model(ckpt_path, torch_device)
+    if normalization is not None:
+        model = {**model, "normalization": normalization}
     records = [r for r in discover_subjects(data, allow_missing=True) if not subjects or r["subject"] in subjects]
     gated_engine = MapEngine(gate_threshold=gate_threshold, fusion=fusion, threshold=threshold,
                              slice_normalization=model["slice_normalization"])
@@ -270,9 +274,11 @@ def main(argv=None) -> int:
     parser.add_argument("--smooth_mm", type=float, default=0.0, help="diagnostic: blur the scans first (sigma, mm)")
     parser.add_argument("--speckle", type=float, default=0.0,
                         help="diagnostic: N(0, SD) noise inside the reference tumour (z units)")
+    parser.add_argument("--normalization", choices=("volume", "robust", "none"), default=None,
+                        help="the scans' intensity normalisation (default: the model's recorded one)")
     args = parser.parse_args(argv)
     results = run_check(args.ckpt_path, args.data, args.out, args.gate_threshold, args.threshold, args.fusion,
-                        args.device, args.subjects, args.smooth_mm, args.speckle)
+                        args.device, args.subjects, args.smooth_mm, args.speckle, args.normalization)
     settings = {"ckpt_path": args.ckpt_path, "gate_threshold": args.gate_threshold, "threshold": args.threshold,
                 "fusion": args.fusion}
     print(markdown(results, settings))

@@ -112,6 +112,9 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
                       ["--domain_randomisation#enabled", "true"]),
     "base8": ("the default with UNetCAM at base 8 channels instead of 16 (a cheaper step: issue 32)",
               ["--base_channels", "8"]),
+    "cam_preset": ("configs/methods/cam.yaml: L_C only, one view (no transforms), the default's pooling",
+                   ["--objective#use_er", "false", "--objective#use_kd", "false", "--objective#use_cmer", "false",
+                    "--transforms#kinds", "[]", "--method_preset", "cam"]),
     "topk01_mean": ("top-k pooling (1 %) + mean fusion (validation, model selection)",
                     ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--fusion", "mean"]),
 }

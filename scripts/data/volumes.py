@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 AFFINE_TOLERANCE = 1e-3
 CACHE_VERSION = 2  # 2: the shared preprocessing (Spacingd, brain after preprocessing)
-NORMALIZATIONS = ("volume", "none")
+NORMALIZATIONS = ("volume", "robust", "none")  # as scripts.data.preprocessing (imported lazily there)
 
 
 # --------------------------------------------------------------------------- loading + checks
@@ -188,7 +188,8 @@ class VolumeCache:
         cache_dir: folder of the cache files (created on first use).
         spatial_size: in-plane (H, W) the volumes are padded / cropped to; None derives it
             from `spacing` (240 mm field of view), or keeps the size without a spacing.
-        normalization: "volume" (z-score over brain voxels per modality) or "none".
+        normalization: "volume" (z-score over brain voxels per modality), "robust" (the same
+            after clipping to the brain's 0.5-99.5th percentiles) or "none".
         allow_missing: zero-fill a missing modality instead of raising.
         memory_items: subjects whose memory maps stay open.
         spacing: voxel spacing (mm, one value or three) volumes are resampled to; None keeps

@@ -317,6 +317,44 @@ def test_cache_content_and_normalisation(brats, tmp_path):
     assert mask[0, 8:11, 4:7, 3].all() and mask.sum() == (phantom_arrays(0)[1] > 0).sum()
 
 
+def test_robust_normalisation_clips_brain_outliers_before_the_zscore():
+    """normalization "robust": a few extreme brain voxels (a vessel, skull residue) no longer
+    compress everyone else's z-score; the background stays 0; a brain without outliers is
+    normalised almost exactly as "volume" does."""
+    from monai.data import MetaTensor
+
+    from scripts.data.preprocessing import ClipBrainPercentilesd, volume_preprocessing
+
+    generator = torch.Generator().manual_seed(0)
+    brain = torch.zeros(1, 40, 40, 20, dtype=torch.bool)
+    brain[:, 5:35, 5:35, 2:18] = True
+    clean = torch.where(brain, 100 + 10 * torch.randn(brain.shape, generator=generator), torch.zeros(()))
+    spiked = clean.clone()
+    spiked[0, 10, 10, 5:10] = 1e5  # 5 of 14,400 brain voxels
+    normalised = {}
+    for kind in ("volume", "robust"):
+        prep = volume_preprocessing(None, None, kind)
+        for name, image in (("clean", clean), ("spiked", spiked)):
+            normalised[kind, name] = prep({"image": MetaTensor(image.clone())})["image"]
+    inner = brain.clone()
+    inner[0, 10, 10, 5:10] = False
+    # "volume": the spikes inflate the brain's std ~40x, so the bulk collapses towards 0.
+    assert float(normalised["volume", "spiked"][inner].std()) < 0.1
+    # "robust": the bulk keeps its z-scores (the spikes are clipped to the 99.5th percentile).
+    torch.testing.assert_close(normalised["robust", "spiked"][inner], normalised["robust", "clean"][inner],
+                               atol=0.05, rtol=0)
+    assert float(normalised["robust", "spiked"].max()) < 4.0
+    assert float(normalised["robust", "clean"][~brain].abs().max()) == 0.0
+    bulk = brain & (normalised["volume", "clean"].abs() < 2.3)  # inside the clipped range (+-2.58 sd)
+    torch.testing.assert_close(normalised["robust", "clean"][bulk], normalised["volume", "clean"][bulk],
+                               atol=0.05, rtol=0)
+    # an empty (missing) channel is left alone; the percentiles are checked
+    empty = ClipBrainPercentilesd(keys="image")({"image": torch.zeros(2, 4, 4, 4)})["image"]
+    assert float(empty.abs().max()) == 0.0
+    with pytest.raises(ValueError, match="percentiles"):
+        ClipBrainPercentilesd(keys="image", lower=99, upper=1)
+
+
 def test_cache_reused_from_disk_and_invalidated_on_change(brats, tmp_path, monkeypatch):
     record = subjects.discover_subjects(brats)[0]
     cache = VolumeCache(tmp_path / "cache", normalization="none")

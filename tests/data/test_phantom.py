@@ -545,3 +545,32 @@ def test_voxel_noise_measures_white_noise_and_ignores_smooth_anatomy():
     # the median of 27 noisy neighbours carries a little of the noise: the residual std is ~1.03 sigma
     assert 0.045 <= measured <= 0.06, measured
 
+
+
+def test_misregistration_moves_each_modality_and_keeps_the_truth():
+    """phantom#misregistration_mm / _deg: every modality gets its own rigid move of the drawn
+    size; the segmentation and every other random stream stay as without it."""
+    from scripts.data.phantom.registration import apply_rigid
+
+    exact = phantom.generate_subject(2, SEED, spacing=FAST_SPACING, grade="HGG", return_details=True)
+    moved = phantom.generate_subject(2, SEED, spacing=FAST_SPACING, grade="HGG", return_details=True,
+                                     misregistration_mm=6.0, misregistration_deg=2.0)
+    np.testing.assert_array_equal(exact["seg"], moved["seg"])
+    assert exact["details"]["misregistration"] == {}
+    draws = moved["details"]["misregistration"]
+    assert sorted(draws) == sorted(phantom.MODALITY_FILES)
+    shifts = []
+    for name, draw in draws.items():
+        assert max(abs(v) for v in draw["shift_mm"]) <= 6.0 and max(abs(v) for v in draw["rotation_deg"]) <= 2.0
+        # the brain's centre of mass moves by the drawn shift (rotation about the centre: small)
+        before = np.array(ndi.center_of_mass(exact[name] > 0))
+        after = np.array(ndi.center_of_mass(moved[name] > 0))
+        np.testing.assert_allclose((after - before) * FAST_SPACING, draw["shift_mm"], atol=0.6 * FAST_SPACING)
+        shifts.append(tuple(draw["shift_mm"]))
+    assert len(set(shifts)) == len(shifts)  # one draw per modality
+    # a zero transform is the identity; a whole-voxel shift moves the content by that voxel
+    volume = exact["flair"]
+    np.testing.assert_array_equal(apply_rigid(volume, {"shift_mm": [0, 0, 0], "rotation_deg": [0, 0, 0]},
+                                              FAST_SPACING), volume)
+    shifted = apply_rigid(volume, {"shift_mm": [FAST_SPACING, 0, 0], "rotation_deg": [0, 0, 0]}, FAST_SPACING)
+    np.testing.assert_array_equal(shifted[1:], volume[:-1])

@@ -22,6 +22,7 @@ EXPECTED_ROWS = [
     *[("training", f"K={k}, 32x32, B=16, fp32: {who}") for k in (1, 2, 4) for who in ("ours", "reference")],
     ("precision", "matmul 2048x2048, fp32"),
     ("precision", "matmul 2048x2048, bf16"),
+    ("precision", "FLOPs of a training step, K=4, 32x32"),
     ("precision", "bare UNetCAM step, K=1, 32x32, 2B=32 slices, base 4, fp32"),
     ("data", "decode + cache one subject"),
     ("data", "loader from cache"),
@@ -131,3 +132,38 @@ def test_flop_count_of_a_bare_step_counts_forward_and_backward():
     flops = step_flops(BareStep(net, batch, s))
     assert flops > 3 * first_conv  # forward + backward of many layers
     assert step_flops(BareStep(build_network(1, replace(s, base_channels=8)), batch, s)) > 3 * flops  # ~width^2
+
+
+TINY_EPOCH = "base_channels=4;spatial_size=[16,16];batch_size=4;split=[2,1,1];modalities=[t1,flair]"
+
+
+def test_epoch_part_splits_one_real_epoch_into_phases(tmp_path):
+    """`--parts epoch` trains configs/train.yaml for one epoch and accounts for its whole wall time."""
+    import re
+
+    from tools.benchmark.epoch import PHASES, epoch_rows
+
+    from tests.safety_data import write_dataset
+
+    s = Settings(device=torch.device("cpu"), amp=False, quick=True, base_channels=4, sizes=(16,), batch_size=4,
+                 repeats=1, warmup=0, precisions=("fp32",))
+    data = write_dataset(tmp_path / "data", subjects=4)  # 16 x 16 x 8 volumes, written in a second
+    (row,) = epoch_rows(s, [TINY_EPOCH], str(data), str(tmp_path / "cache"))
+    assert row.area == "epoch" and "base 4, 16x16, B=4, K=2" in row.case
+    total = float(re.match(r"([0-9.]+) s:", row.measured).group(1))
+    phases = {name.strip(): float(sec) for name, sec in re.findall(r"([a-z ]+?) ([0-9.]+) s \(", row.measured.split(": ", 1)[1])}
+    assert set(phases) == {p.strip() for p in PHASES}
+    assert phases["forward"] > 0 and phases["backward"] > 0 and phases["validation"] > 0
+    assert sum(phases.values()) == pytest.approx(total, abs=0.1 + 0.01 * total)  # nothing unaccounted
+    steps = int(re.search(r"(\d+) steps", row.case).group(1))
+    assert steps > 0 and "bare nets fwd+bwd x" in row.compared
+
+
+def test_epoch_variants_parse_as_yaml_overrides():
+    from tools.benchmark.epoch import parse_variant
+
+    assert parse_variant("base_channels=8; spatial_size=[64,64];precision=bf16") == {
+        "base_channels": 8, "spatial_size": [64, 64], "precision": "bf16"}
+    assert parse_variant("") == {}
+    with pytest.raises(SystemExit):
+        parse_variant("base_channels")

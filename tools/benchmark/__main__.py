@@ -14,7 +14,7 @@ import torch
 
 from scripts import precision as P
 import tools.benchmark
-from tools.benchmark.core import (CLOCKS, PARTS, Row, Settings, failed_row, load_line, machine_lines, markdown_table,
+from tools.benchmark.core import (CLOCKS, EXTRA_PARTS, PARTS, Row, Settings, failed_row, load_line, machine_lines, markdown_table,
                                   set_clock, settings_from_args)
 from tools.benchmark.data import data_rows
 from tools.benchmark.gpu import gpu_path_rows
@@ -46,7 +46,7 @@ class PartLog(dict):
             self.progress(f"  {row.area} | {row.case} | {row.measured} | {row.compared} | {row.ratio} | {row.verdict}")
 
 
-def run_benchmark(s: Settings, progress: Callable[[str], None]) -> list[Row]:
+def run_benchmark(s: Settings, progress: Callable[[str], None], epoch_args=None) -> list[Row]:
     """Every part in turn; memory runs first, in children, while this process is still small."""
     parts = PartLog(progress)
     consumed: dict = {}
@@ -84,7 +84,13 @@ def run_benchmark(s: Settings, progress: Callable[[str], None]) -> list[Row]:
         if "gpu" in s.parts:
             progress("gpu path")
             parts["gpu"] = guarded("gpu path", lambda: gpu_path_rows(s))
-    return [row for part in PARTS for row in parts.get(part, [])]
+    if "epoch" in s.parts:
+        from tools.benchmark.epoch import epoch_rows
+
+        progress("epoch (configs/train.yaml, one epoch per variant and precision)")
+        variants, dataset_dir, cache_dir = epoch_args or ([""], None, None)
+        parts["epoch"] = guarded("epoch", lambda: epoch_rows(s, variants, dataset_dir, cache_dir, progress))
+    return [row for part in PARTS + EXTRA_PARTS for row in parts.get(part, [])]
 
 
 def report(s: Settings, rows: list[Row], load_before: str, command: str) -> str:
@@ -117,7 +123,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "CPU makes multi-threaded tiny ops stall at every barrier)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall (default) or process: CPU seconds of this process (1 thread, shared CPU)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}, "
+                        f"or the opt-in {','.join(EXTRA_PARTS)} (one real epoch of configs/train.yaml, timed by phase)")
+    parser.add_argument("--epoch-variants", nargs="+", default=[""], metavar="KEY=VALUE;...",
+                        help="epoch part: configs/train.yaml overrides per variant, side by side "
+                        "(e.g. '' 'base_channels=8'); '' = as configured")
+    parser.add_argument("--dataset-dir", help="epoch part: the dataset (default data/phantom, made if absent)")
+    parser.add_argument("--cache-dir", help="epoch part: the volume cache (default data/cache)")
     parser.add_argument("--profile", help="also write a profile of ours' step (phases + top operators) here")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -141,7 +153,7 @@ def main(argv=None) -> int:
     def progress(message: str) -> None:
         print(message if message.startswith("  ") else f"[benchmark] {message} ...", file=sys.stderr, flush=True)
 
-    rows = run_benchmark(s, progress)
+    rows = run_benchmark(s, progress, (args.epoch_variants, args.dataset_dir, args.cache_dir))
     text = report(s, rows, load_before, command.strip())
     print(text, flush=True)
     if args.out:

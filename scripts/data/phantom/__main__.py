@@ -23,6 +23,10 @@ def _generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, required=True, help="random seed (>= 0)")
     parser.add_argument("--spacing", type=float, default=1.0, help="voxel size in mm (default 1)")
     parser.add_argument("--hgg-fraction", type=float, default=0.5, help="fraction of HGG subjects")
+    parser.add_argument("--misregistration-mm", type=float, default=0.0,
+                        help="per-modality rigid misregistration: largest shift per axis (mm; default 0)")
+    parser.add_argument("--misregistration-deg", type=float, default=0.0,
+                        help="per-modality rigid misregistration: largest rotation per axis (degrees; default 0)")
     parser.add_argument("--figure", help="also write a PNG with the first HGG and LGG subject")
     parser.add_argument("--overwrite", action="store_true", help="replace existing subjects")
     return parser
@@ -48,7 +52,9 @@ def generate(argv) -> int:
     start = time.perf_counter()
     try:
         records = generate_dataset(args.out, args.subjects, args.seed, args.spacing, args.hgg_fraction,
-                                   overwrite=args.overwrite, log=lambda line: print(line, flush=True))
+                                   overwrite=args.overwrite, log=lambda line: print(line, flush=True),
+                                   misregistration_mm=args.misregistration_mm,
+                                   misregistration_deg=args.misregistration_deg)
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

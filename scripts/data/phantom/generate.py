@@ -15,13 +15,15 @@ from scripts.data.phantom.anatomy import add_atrophy, csf_fraction, draw_anatomy
 from scripts.data.phantom.confounders import draw_confounders
 from scripts.data.phantom.physics import (FIELD_STRENGTHS, GADOLINIUM_R1_PER_MM_MS, draw_protocols,
                                          draw_tissue_properties, signal_table)
+from scripts.data.phantom.registration import misregister
 from scripts.data.phantom.render import MODALITY_FILES, acquire, draw_acquisition, render_clean
 from scripts.data.phantom.tumour import GRADES, LABEL_ENHANCING, LABEL_NECROTIC_CORE, simulate_tumour
 
 # Entropy tags that keep the per-subject streams apart from the grade stream.
 SUBJECT_STREAM = 0
 GRADE_STREAM = 1
-STREAMS = ("anatomy", "tumour", "contrast", "acquisition", "atrophy", "confounders", "texture")
+# Appended streams leave the earlier ones unchanged (SeedSequence children are indexed).
+STREAMS = ("anatomy", "tumour", "contrast", "acquisition", "atrophy", "confounders", "texture", "misregistration")
 FIELD_3T_SHARE = 0.5
 
 
@@ -41,8 +43,13 @@ def _check_spacing(spacing: float) -> float:
 
 
 def generate_subject(index: int, seed: int, spacing: float = 1.0, grade: str = "HGG",
-                     return_details: bool = False) -> dict:
+                     return_details: bool = False, misregistration_mm: float = 0.0,
+                     misregistration_deg: float = 0.0) -> dict:
     """One phantom subject in memory (no I/O).
+
+    `misregistration_mm` / `misregistration_deg` > 0 move each modality by its own random
+    rigid transform (up to that much per axis; `scripts.data.phantom.registration`); the
+    segmentation stays in the anatomy's frame.
 
     Returns {"t1", "t1ce", "t2", "flair": int16 arrays, "seg": uint8 labels {0,1,2,4},
     "affine": 4x4 RAS voxel-to-world}. With `return_details`, also the underlying
@@ -71,6 +78,7 @@ def generate_subject(index: int, seed: int, spacing: float = 1.0, grade: str = "
     brain = anatomy["mask"] >= 0.5
     normal = brain & (seg == 0)
     out = {m: acquire(clean[m], brain, normal, rngs["acquisition"], spacing, settings[m]) for m in MODALITY_FILES}
+    misregistered = misregister(out, rngs["misregistration"], spacing, misregistration_mm, misregistration_deg)
     out["seg"] = seg
     out["affine"] = grid_affine(spacing)
     if return_details:
@@ -89,6 +97,7 @@ def generate_subject(index: int, seed: int, spacing: float = 1.0, grade: str = "
             "acquisition": settings,
             "atrophy": atrophy,
             "confounders": confounders["details"],
+            "misregistration": misregistered,
         }
     return out
 
@@ -142,8 +151,12 @@ def existing_subjects(out_dir: Path, indices) -> dict[int, list[Path]]:
 
 
 def generate_dataset(out_dir, subjects: int, seed: int, spacing: float = 1.0, hgg_fraction: float = 0.5,
-                     *, overwrite: bool = False, log: Callable[[str], None] | None = None) -> list[dict]:
+                     *, overwrite: bool = False, log: Callable[[str], None] | None = None,
+                     misregistration_mm: float = 0.0, misregistration_deg: float = 0.0) -> list[dict]:
     """Write `subjects` phantoms in the BraTS 2019 layout under `out_dir`.
+
+    `misregistration_mm` / `misregistration_deg`: per-modality rigid misregistration (see
+    `generate_subject`; 0 = the modalities agree exactly).
 
     Returns records {"subject", "grade", "dir"}. Refuses (FileExistsError, nothing
     written) if a folder of any of these subject indices (either grade) already holds
@@ -166,7 +179,8 @@ def generate_dataset(out_dir, subjects: int, seed: int, spacing: float = 1.0, hg
         )
     for i, record in enumerate(records):
         start = time.perf_counter()
-        arrays = generate_subject(i, seed, spacing, record["grade"], return_details=True)
+        arrays = generate_subject(i, seed, spacing, record["grade"], return_details=True,
+                                  misregistration_mm=misregistration_mm, misregistration_deg=misregistration_deg)
         for stale in existing.get(i, []):
             if stale != Path(record["dir"]):  # same index under the other grade: replaced
                 shutil.rmtree(stale)
