@@ -25,9 +25,11 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # Precision is a speed choice, never a result choice: `auto` trains in bf16 on a CPU with
 # native bf16 only once a three-seed run of the default recipe in both precisions
 # (`python -m tools.stage1_study --precision fp32 bf16`, docs/recipe.md) gives the same masks.
-# Not shown yet: on 2026-12-04 a bf16-trained default run kept FLAIR at 13.5 % validation DSC
-# where the same seed in fp32 reached 56.8 %, and no bf16 CPU has run the parity study since.
-# `--precision bf16` still forces it (2-3x faster steps on AMX: docs/performance.md).
+# Not shown yet. 2026-12-07, Zen 4 (AVX-512 BF16), 3 seeds: fused 61.5 +- 4.8 (bf16) vs
+# 60.8 +- 5.5 (fp32), 1.64x faster, but at the kept epoch T1 -3.5 and T2 -5.1 points (one seed
+# kept epoch 5), outside the rule "every modality within 3, fused within 2"; at the last epoch
+# every map is within it (docs/performance.md, "The main job's time per CPU kind").
+# `--precision bf16` still forces it.
 CPU_BF16_MASKS_MATCH = False
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -183,6 +183,16 @@ def summarise(history: list[dict]) -> dict:
     return {"best": best, "last": history[-1], "last3_spread": max(last3) - min(last3)}
 
 
+def recorded_path(path) -> str:
+    """A dataset folder as a record may hold it: relative to the bundle when inside it, else its
+    last two components (no machine paths in committed records)."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(BUNDLE_ROOT))
+    except ValueError:
+        return str(Path(*resolved.parts[-2:]))
+
+
 def run_one(name: str, overrides: list[str], seed: int, precision: str, args) -> dict | None:
     """Train one candidate for one seed and precision; return its record (None if it failed)."""
     work = Path(args.work) / name / precision / f"seed{seed}"
@@ -216,7 +226,7 @@ def run_one(name: str, overrides: list[str], seed: int, precision: str, args) ->
     record = {"candidate": name, "description": CANDIDATES.get(name, ("", []))[0], "overrides": overrides,
               "extra": list(args.extra), "modalities": list(args.modalities or MODALITIES), "seed": seed,
               "precision": precision, "precision_resolved": resolved_precision(precision),
-              "dataset_dir": os.path.relpath(Path(args.dataset_dir).resolve(), BUNDLE_ROOT),
+              "dataset_dir": recorded_path(args.dataset_dir),
               "machine": machine(), "wall_s": round(wall, 1), "epochs": history,
               "grad_shares": grad_shares(text), **summarise(history)}
     summary = record["best"]
