@@ -75,8 +75,8 @@ class UNetCAM(torch.nn.Module):
         # Parameter-free nearest x2 upsampling, no halving conv: the skip is concatenated
         # to the upsampled tensor at full width, as in the authors' network.
         # is_pad=False: `_pad_to_multiple` makes every skip match its upsampled tensor, so
-        # MONAI's default replicate pad would always be zero-width: a full copy (and its
-        # backward, ~4 % of a CPU step) that also stops torch.compile (inductor fails on
+        # MONAI's default replicate pad would always be zero-width: a copy and its backward
+        # (no measurable time on a CPU) that stops torch.compile (inductor fails on
         # replication_pad2d_backward). Same outputs, same state_dict.
         up = {"upsample": "nontrainable", "pre_conv": None, "interp_mode": "nearest",
               "align_corners": None, "halves": False, "is_pad": False}

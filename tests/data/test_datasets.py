@@ -266,8 +266,9 @@ def test_cli_datalist_and_summary(brats, tmp_path, capsys):
 def test_ensure_dataset_generates_phantom_once(tmp_path, monkeypatch):
     calls = []
 
-    def fake_generate(out_dir, subjects, seed, spacing=1.0, hgg_fraction=0.5):
-        calls.append((subjects, seed, spacing, hgg_fraction))
+    def fake_generate(out_dir, subjects, seed, spacing=1.0, hgg_fraction=0.5, misregistration_mm=0.0,
+                      misregistration_deg=0.0):
+        calls.append((subjects, seed, spacing, hgg_fraction, misregistration_mm, misregistration_deg))
         n_hgg = round(subjects * hgg_fraction)
         write_brats2019(Path(out_dir), n_hgg, subjects - n_hgg)
         return []
@@ -275,7 +276,7 @@ def test_ensure_dataset_generates_phantom_once(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "scripts.data.phantom", types.SimpleNamespace(generate_dataset=fake_generate))
     target = tmp_path / "phantom"
     path = datalists.ensure_dataset(target, phantom={"subjects": 4, "seed": 7}, split=(2, 1, 1))
-    assert path == str(target / "datalist.json") and calls == [(4, 7, 1.0, 0.5)]
+    assert path == str(target / "datalist.json") and calls == [(4, 7, 1.0, 0.5, 0.0, 0.0)]
     assert [len(json.loads(Path(path).read_text())[s]) for s in subjects.SECTIONS] == [2, 1, 1]
     assert datalists.ensure_dataset(target, phantom={"subjects": 4}) == path and len(calls) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["phantom"]  # no staging folder left behind

@@ -65,16 +65,18 @@ class PhaseClock:
         from ignite.engine import Events
         from monai.engines.utils import IterationEvents
 
-        trainer.add_event_handler(Events.GET_BATCH_STARTED, self.mark, "batch")
-        trainer.add_event_handler(Events.GET_BATCH_COMPLETED, self.span, "data", "batch")
-        trainer.add_event_handler(Events.ITERATION_STARTED, self.mark, "iteration")
-        trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED, self.span, "forward", "iteration")
-        trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED, self.mark, "forwarded")
-        trainer.add_event_handler(IterationEvents.LOSS_COMPLETED, self.span, "objective", "forwarded")
-        trainer.add_event_handler(IterationEvents.LOSS_COMPLETED, self.mark, "loss")
-        trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.span, "backward", "loss")
-        trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.mark, "backward")
-        trainer.add_event_handler(IterationEvents.MODEL_COMPLETED, self.span, "optimiser", "backward")
+        # (event, phase that ends there and the mark it started from, mark set there)
+        steps = ((Events.GET_BATCH_STARTED, None, "batch"), (Events.GET_BATCH_COMPLETED, ("data", "batch"), None),
+                 (Events.ITERATION_STARTED, None, "iteration"),
+                 (IterationEvents.FORWARD_COMPLETED, ("forward", "iteration"), "forwarded"),
+                 (IterationEvents.LOSS_COMPLETED, ("objective", "forwarded"), "loss"),
+                 (IterationEvents.BACKWARD_COMPLETED, ("backward", "loss"), "backward"),
+                 (IterationEvents.MODEL_COMPLETED, ("optimiser", "backward"), None))
+        for event, ends, starts in steps:
+            if ends:
+                trainer.add_event_handler(event, self.span, *ends)
+            if starts:
+                trainer.add_event_handler(event, self.mark, starts)
         validator.add_event_handler(Events.STARTED, self.mark, "validation")
         validator.add_event_handler(Events.COMPLETED, self.span, "validation", "validation")
         # The gradient shares are measured inside the LOSS -> BACKWARD span: time the call
