@@ -274,7 +274,9 @@ def main(argv=None) -> int:
     parser.add_argument("--smooth_mm", type=float, default=0.0, help="diagnostic: blur the scans first (sigma, mm)")
     parser.add_argument("--speckle", type=float, default=0.0,
                         help="diagnostic: N(0, SD) noise inside the reference tumour (z units)")
-    parser.add_argument("--normalization", choices=("volume", "robust", "none"), default=None,
+    from scripts.data.volumes import NORMALIZATIONS
+
+    parser.add_argument("--normalization", choices=NORMALIZATIONS, default=None,
                         help="the scans' intensity normalisation (default: the model's recorded one)")
     args = parser.parse_args(argv)
     results = run_check(args.ckpt_path, args.data, args.out, args.gate_threshold, args.threshold, args.fusion,

@@ -26,7 +26,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import Compose, MapTransform, NormalizeIntensityd, Orientationd, ResizeWithPadOrCropd, Spacingd
 
-NORMALIZATIONS = ("volume", "robust", "none")
+from scripts.data.volumes import NORMALIZATIONS  # noqa: F401  (one list; volumes keeps monai out of its imports)
 ROBUST_PERCENTILES = (0.5, 99.5)  # "robust": the brain's intensities are clipped to these before the z-score
 FIELD_OF_VIEW_MM = 240.0  # BraTS: 240 x 240 mm in-plane; an adult brain is below ~200 x 180 mm
 BRAIN_EXTENT_MM = 200.0  # a slice narrower than this may crop brain

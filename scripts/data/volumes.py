@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 AFFINE_TOLERANCE = 1e-3
 CACHE_VERSION = 2  # 2: the shared preprocessing (Spacingd, brain after preprocessing)
-NORMALIZATIONS = ("volume", "robust", "none")  # as scripts.data.preprocessing (imported lazily there)
+# Volume normalisations of scripts.data.preprocessing (defined here: this module imports no monai).
+NORMALIZATIONS = ("volume", "robust", "none")
 
 
 # --------------------------------------------------------------------------- loading + checks
