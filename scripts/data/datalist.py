@@ -143,7 +143,8 @@ def _grade_counts(records: list[dict]) -> dict[str, int]:
 
 # Used for keys the caller's `phantom` dict leaves out (a small CPU-friendly default set).
 _PHANTOM_DEFAULTS = {"subjects": 20, "seed": 0, "spacing": 1.0, "hgg_fraction": 0.5, "misregistration_mm": 0.0,
-                     "misregistration_deg": 0.0}
+                     "misregistration_deg": 0.0, "tumour_texture_mm": (1.5, 4.0, 10.0),
+                     "tumour_texture_weights": (0.25, 0.5, 1.0)}
 
 
 def same_path(a, b) -> bool:
@@ -248,7 +249,9 @@ def _generate_phantom(dataset_dir: Path, options: dict) -> None:
         logger.info("no data in %s: generating the phantom dataset %s", dataset_dir, options)
         generate_dataset(staging, options["subjects"], options["seed"], options["spacing"], options["hgg_fraction"],
                          misregistration_mm=options["misregistration_mm"],
-                         misregistration_deg=options["misregistration_deg"])
+                         misregistration_deg=options["misregistration_deg"],
+                         tumour_texture_mm=options["tumour_texture_mm"],
+                         tumour_texture_weights=options["tumour_texture_weights"])
         if not dataset_dir.exists():
             os.replace(staging, dataset_dir)
             return

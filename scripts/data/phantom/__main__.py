@@ -27,6 +27,10 @@ def _generate_parser() -> argparse.ArgumentParser:
                         help="per-modality rigid misregistration: largest shift per axis (mm; default 0)")
     parser.add_argument("--misregistration-deg", type=float, default=0.0,
                         help="per-modality rigid misregistration: largest rotation per axis (degrees; default 0)")
+    parser.add_argument("--tumour-texture-mm", type=float, nargs="+", default=None,
+                        help="correlation lengths (mm) of the tumour compartments' texture (default 1.5 4 10)")
+    parser.add_argument("--tumour-texture-weights", type=float, nargs="+", default=None,
+                        help="one weight per --tumour-texture-mm scale (default 0.25 0.5 1)")
     parser.add_argument("--figure", help="also write a PNG with the first HGG and LGG subject")
     parser.add_argument("--overwrite", action="store_true", help="replace existing subjects")
     return parser
@@ -47,6 +51,7 @@ def _report_parser() -> argparse.ArgumentParser:
 def generate(argv) -> int:
     from scripts.data.phantom.figure import plot_subjects
     from scripts.data.phantom.generate import GRADES, generate_dataset, load_subject
+    from scripts.data.phantom.render import TUMOUR_TEXTURE_MM, TUMOUR_TEXTURE_WEIGHTS
 
     args = _generate_parser().parse_args(argv)
     start = time.perf_counter()
@@ -54,7 +59,9 @@ def generate(argv) -> int:
         records = generate_dataset(args.out, args.subjects, args.seed, args.spacing, args.hgg_fraction,
                                    overwrite=args.overwrite, log=lambda line: print(line, flush=True),
                                    misregistration_mm=args.misregistration_mm,
-                                   misregistration_deg=args.misregistration_deg)
+                                   misregistration_deg=args.misregistration_deg,
+                                   tumour_texture_mm=args.tumour_texture_mm or TUMOUR_TEXTURE_MM,
+                                   tumour_texture_weights=args.tumour_texture_weights or TUMOUR_TEXTURE_WEIGHTS)
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

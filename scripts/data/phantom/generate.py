@@ -16,7 +16,8 @@ from scripts.data.phantom.confounders import draw_confounders
 from scripts.data.phantom.physics import (FIELD_STRENGTHS, GADOLINIUM_R1_PER_MM_MS, draw_protocols,
                                          draw_tissue_properties, signal_table)
 from scripts.data.phantom.registration import misregister
-from scripts.data.phantom.render import MODALITY_FILES, acquire, draw_acquisition, render_clean
+from scripts.data.phantom.render import (MODALITY_FILES, TUMOUR_TEXTURE_MM, TUMOUR_TEXTURE_WEIGHTS, acquire,
+                                         check_tumour_texture, draw_acquisition, render_clean)
 from scripts.data.phantom.tumour import GRADES, LABEL_ENHANCING, LABEL_NECROTIC_CORE, simulate_tumour
 
 # Entropy tags that keep the per-subject streams apart from the grade stream.
@@ -44,8 +45,12 @@ def _check_spacing(spacing: float) -> float:
 
 def generate_subject(index: int, seed: int, spacing: float = 1.0, grade: str = "HGG",
                      return_details: bool = False, misregistration_mm: float = 0.0,
-                     misregistration_deg: float = 0.0) -> dict:
+                     misregistration_deg: float = 0.0, tumour_texture_mm=TUMOUR_TEXTURE_MM,
+                     tumour_texture_weights=TUMOUR_TEXTURE_WEIGHTS) -> dict:
     """One phantom subject in memory (no I/O).
+
+    `tumour_texture_mm` / `tumour_texture_weights`: the scales (mm) of the tumour compartments'
+    texture and their weights (`scripts.data.phantom.render`; docs/recipe.md, "Real scans").
 
     `misregistration_mm` / `misregistration_deg` > 0 move each modality by its own random
     rigid transform (up to that much per axis; `scripts.data.phantom.registration`); the
@@ -60,6 +65,7 @@ def generate_subject(index: int, seed: int, spacing: float = 1.0, grade: str = "
     if grade not in GRADES:
         raise ValueError(f"grade must be one of {GRADES} (got {grade!r})")
     spacing = _check_spacing(spacing)
+    tumour_texture_mm, tumour_texture_weights = check_tumour_texture(tumour_texture_mm, tumour_texture_weights)
     rngs = _subject_rngs(index, seed)
     warp = draw_anatomy_warp(rngs["anatomy"])
     anatomy = warp_anatomy(warp, spacing)
@@ -73,7 +79,8 @@ def generate_subject(index: int, seed: int, spacing: float = 1.0, grade: str = "
     protocols = draw_protocols(contrast, field)
     confounders = draw_confounders(rngs["confounders"], anatomy, seg, spacing)
     clean = render_clean(anatomy, confounders, box, tumour_fractions, properties, protocols,
-                         GADOLINIUM_R1_PER_MM_MS[field], rngs["texture"], spacing)
+                         GADOLINIUM_R1_PER_MM_MS[field], rngs["texture"], spacing,
+                         tumour_texture_mm=tumour_texture_mm, tumour_texture_weights=tumour_texture_weights)
     settings = draw_acquisition(rngs["acquisition"], protocols, field)
     brain = anatomy["mask"] >= 0.5
     normal = brain & (seg == 0)
@@ -98,6 +105,7 @@ def generate_subject(index: int, seed: int, spacing: float = 1.0, grade: str = "
             "atrophy": atrophy,
             "confounders": confounders["details"],
             "misregistration": misregistered,
+            "tumour_texture": {"mm": list(tumour_texture_mm), "weights": list(tumour_texture_weights)},
         }
     return out
 
@@ -152,11 +160,13 @@ def existing_subjects(out_dir: Path, indices) -> dict[int, list[Path]]:
 
 def generate_dataset(out_dir, subjects: int, seed: int, spacing: float = 1.0, hgg_fraction: float = 0.5,
                      *, overwrite: bool = False, log: Callable[[str], None] | None = None,
-                     misregistration_mm: float = 0.0, misregistration_deg: float = 0.0) -> list[dict]:
+                     misregistration_mm: float = 0.0, misregistration_deg: float = 0.0,
+                     tumour_texture_mm=TUMOUR_TEXTURE_MM, tumour_texture_weights=TUMOUR_TEXTURE_WEIGHTS) -> list[dict]:
     """Write `subjects` phantoms in the BraTS 2019 layout under `out_dir`.
 
     `misregistration_mm` / `misregistration_deg`: per-modality rigid misregistration (see
-    `generate_subject`; 0 = the modalities agree exactly).
+    `generate_subject`; 0 = the modalities agree exactly). `tumour_texture_mm` /
+    `tumour_texture_weights`: the tumour texture's scales and weights (see `generate_subject`).
 
     Returns records {"subject", "grade", "dir"}. Refuses (FileExistsError, nothing
     written) if a folder of any of these subject indices (either grade) already holds
@@ -165,6 +175,7 @@ def generate_dataset(out_dir, subjects: int, seed: int, spacing: float = 1.0, hg
     if subjects < 1 or seed < 0:
         raise ValueError(f"subjects must be >= 1 and seed >= 0 (got {subjects}, {seed})")
     spacing = _check_spacing(spacing)
+    check_tumour_texture(tumour_texture_mm, tumour_texture_weights)  # before anything is written
     out_dir = Path(out_dir)
     grades = subject_grades(subjects, seed, hgg_fraction)
     records = [{"subject": subject_id(i, g), "grade": g, "dir": str(out_dir / g / subject_id(i, g))}
@@ -180,7 +191,8 @@ def generate_dataset(out_dir, subjects: int, seed: int, spacing: float = 1.0, hg
     for i, record in enumerate(records):
         start = time.perf_counter()
         arrays = generate_subject(i, seed, spacing, record["grade"], return_details=True,
-                                  misregistration_mm=misregistration_mm, misregistration_deg=misregistration_deg)
+                                  misregistration_mm=misregistration_mm, misregistration_deg=misregistration_deg,
+                                  tumour_texture_mm=tumour_texture_mm, tumour_texture_weights=tumour_texture_weights)
         for stale in existing.get(i, []):
             if stale != Path(record["dir"]):  # same index under the other grade: replaced
                 shutil.rmtree(stale)

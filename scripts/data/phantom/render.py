@@ -31,7 +31,7 @@ TUMOUR_TEXTURE = {
     "cyst": {"t1": 0.08, "t2": 0.15, "pd": 0.02},
     "oedema": {"t1": 0.42, "t2": 0.45, "pd": 0.06},
 }
-TUMOUR_TEXTURE_MM = (1.5, 4.0, 10.0)  # several scales, equal weights
+TUMOUR_TEXTURE_MM = (1.5, 4.0, 10.0)  # several scales (the phantom option `tumour_texture_mm`)
 TUMOUR_TEXTURE_WEIGHTS = (0.25, 0.5, 1.0)  # fine scales weak: real tumours are smooth at the voxel scale (docs/recipe.md, "Real scans")
 WATER_COUPLING = 0.7  # share of the T2 texture that follows the T1 ("water") texture
 
@@ -95,10 +95,27 @@ def _tissue_signal(f, protocol: dict, props: dict, maps, r1: float):
     return f(pd, t1, t2)
 
 
+def check_tumour_texture(scales_mm, weights) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The tumour texture's correlation lengths (mm) and their weights, checked; ValueError names the fix."""
+    scales = tuple(float(v) for v in scales_mm)
+    weights = tuple(float(v) for v in weights)
+    if not scales or len(scales) != len(weights):
+        raise ValueError(f"tumour_texture_mm {list(scales)} and tumour_texture_weights {list(weights)} must be "
+                         f"non-empty lists of the same length (one weight per scale)")
+    if min(scales) <= 0 or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"tumour_texture_mm must be > 0 and tumour_texture_weights >= 0 with a positive sum "
+                         f"(got {list(scales)} / {list(weights)})")
+    return scales, weights
+
+
 def render_clean(anatomy: dict, confounders: dict, box: tuple[slice, ...], tumour_fractions: dict,
                  properties: dict, protocols: dict, r1: float, rng: np.random.Generator,
-                 spacing: float) -> dict[str, np.ndarray]:
-    """Noise-free images {modality: float32 full grid}."""
+                 spacing: float, tumour_texture_mm=TUMOUR_TEXTURE_MM,
+                 tumour_texture_weights=TUMOUR_TEXTURE_WEIGHTS) -> dict[str, np.ndarray]:
+    """Noise-free images {modality: float32 full grid}.
+
+    `tumour_texture_mm` / `tumour_texture_weights`: correlation lengths (mm) of the tumour
+    compartments' relaxation texture and their weights (its total variance stays the same)."""
     shape = anatomy["mask"].shape
     inside = anatomy["mask"] > 0
     # Normal tissue, on brain voxels only.
@@ -113,7 +130,7 @@ def render_clean(anatomy: dict, confounders: dict, box: tuple[slice, ...], tumou
     maps = {t: _relaxation_maps(properties[t], normal_texture, NORMAL_TEXTURE) for t in fractions}
     # Tumour compartments: in the box only, with their own stronger texture.
     box_inside = inside[box]
-    tumour_texture = {key: texture_field(rng, box_inside.shape, spacing, TUMOUR_TEXTURE_MM, TUMOUR_TEXTURE_WEIGHTS,
+    tumour_texture = {key: texture_field(rng, box_inside.shape, spacing, tumour_texture_mm, tumour_texture_weights,
                                          voxel_average=True)[box_inside] for key in ("water", "own", "other")}
     tumour_fracs = {t: f[box_inside] for t, f in tumour_fractions.items()}
     tumour_maps = {t: _relaxation_maps(properties[t], tumour_texture, TUMOUR_TEXTURE[t]) for t in tumour_fracs}
