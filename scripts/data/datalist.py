@@ -143,8 +143,9 @@ def _grade_counts(records: list[dict]) -> dict[str, int]:
 
 # Used for keys the caller's `phantom` dict leaves out (a small CPU-friendly default set).
 _PHANTOM_DEFAULTS = {"subjects": 20, "seed": 0, "spacing": 1.0, "hgg_fraction": 0.5, "misregistration_mm": 0.0,
-                     "misregistration_deg": 0.0, "tumour_texture_mm": (1.5, 4.0, 10.0),
-                     "tumour_texture_weights": (0.25, 0.5, 1.0)}
+                     "misregistration_deg": 0.0}
+# Passed on only when the caller sets them; otherwise the generator's own defaults (render.py) hold.
+_PHANTOM_OPTIONAL = ("tumour_texture_mm", "tumour_texture_weights")
 
 
 def same_path(a, b) -> bool:
@@ -250,8 +251,7 @@ def _generate_phantom(dataset_dir: Path, options: dict) -> None:
         generate_dataset(staging, options["subjects"], options["seed"], options["spacing"], options["hgg_fraction"],
                          misregistration_mm=options["misregistration_mm"],
                          misregistration_deg=options["misregistration_deg"],
-                         tumour_texture_mm=options["tumour_texture_mm"],
-                         tumour_texture_weights=options["tumour_texture_weights"])
+                         **{key: options[key] for key in _PHANTOM_OPTIONAL if key in options})
         if not dataset_dir.exists():
             os.replace(staging, dataset_dir)
             return

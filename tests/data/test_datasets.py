@@ -267,9 +267,8 @@ def test_ensure_dataset_generates_phantom_once(tmp_path, monkeypatch):
     calls = []
 
     def fake_generate(out_dir, subjects, seed, spacing=1.0, hgg_fraction=0.5, misregistration_mm=0.0,
-                      misregistration_deg=0.0, tumour_texture_mm=None, tumour_texture_weights=None):
-        calls.append((subjects, seed, spacing, hgg_fraction, misregistration_mm, misregistration_deg,
-                      tuple(tumour_texture_mm), tuple(tumour_texture_weights)))
+                      misregistration_deg=0.0, **texture):
+        calls.append((subjects, seed, spacing, hgg_fraction, misregistration_mm, misregistration_deg, texture))
         n_hgg = round(subjects * hgg_fraction)
         write_brats2019(Path(out_dir), n_hgg, subjects - n_hgg)
         return []
@@ -277,10 +276,13 @@ def test_ensure_dataset_generates_phantom_once(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "scripts.data.phantom", types.SimpleNamespace(generate_dataset=fake_generate))
     target = tmp_path / "phantom"
     path = datalists.ensure_dataset(target, phantom={"subjects": 4, "seed": 7}, split=(2, 1, 1))
-    assert path == str(target / "datalist.json") and calls == [(4, 7, 1.0, 0.5, 0.0, 0.0, (1.5, 4.0, 10.0), (0.25, 0.5, 1.0))]
+    assert path == str(target / "datalist.json") and calls == [(4, 7, 1.0, 0.5, 0.0, 0.0, {})]
     assert [len(json.loads(Path(path).read_text())[s]) for s in subjects.SECTIONS] == [2, 1, 1]
     assert datalists.ensure_dataset(target, phantom={"subjects": 4}) == path and len(calls) == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["phantom"]  # no staging folder left behind
+    coarse = {"tumour_texture_mm": [10.0, 20.0], "tumour_texture_weights": [0.5, 1.0]}  # the phantom option, passed on
+    datalists.ensure_dataset(tmp_path / "coarse", phantom={"subjects": 4, **coarse}, split=(2, 1, 1))
+    assert calls[-1] == (4, 0, 1.0, 0.5, 0.0, 0.0, coarse)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coarse", "phantom"]  # no staging folder left behind
 
 
 def test_ensure_dataset_on_real_data_and_failed_generation(brats, tmp_path, monkeypatch):
