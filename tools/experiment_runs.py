@@ -27,6 +27,10 @@ from tools.experiment_report import BASELINES, BUNDLE_ROOT
 
 logger = logging.getLogger(__name__)
 
+# The evaluation of models/model_per_modality.pt (each network at its own best validation epoch), recorded as
+# `<run>.per_modality` beside `<run>` (all networks at the best fused epoch, models/model.pt).
+PER_MODALITY = "per_modality"
+
 SETTING_KEYS = ("seed", "epochs", "batch_size", "lr", "weight_decay", "backbone", "base_channels", "spatial_size",
                 "spacing", "split", "phantom", "precision")
 
@@ -179,6 +183,15 @@ def stage1_record(run: Run, ctx: Context) -> dict:
     result, settings, at_test = evaluate(run, plan, overrides, run.modalities, model, folder / "eval")
     evaluations = {run.name: _evaluation(result)}
     point = operating_point_record(chosen, at_test, validation)
+    per_modality_point = None
+    per_modality = folder / "models" / "model_per_modality.pt"  # each network at its own best epoch (train.yaml)
+    if per_modality.is_file():
+        pm_validation, _, pm_chosen = evaluate(run, plan, overrides, run.modalities, per_modality,
+                                               folder / "eval_per_modality_validation", split="validation")
+        pm_result, _, pm_at_test = evaluate(run, plan, overrides, run.modalities, per_modality,
+                                            folder / "eval_per_modality")
+        evaluations[f"{run.name}.{PER_MODALITY}"] = _evaluation(pm_result)
+        per_modality_point = operating_point_record(pm_chosen, pm_at_test, pm_validation)
     plain = tuple(run.modalities) == MODALITIES and not run.overrides
     first = run.seed == plan.seeds[0]
     if plain and first and run.method in BASELINES + ("full_supervision",):
@@ -195,7 +208,7 @@ def stage1_record(run: Run, ctx: Context) -> dict:
         overlay = figs.overlay_masks(model, run.name, files, {**overrides, "modalities": list(run.modalities)})
     return {"evaluations": evaluations, "settings": settings, "model_sha256": file_sha256(model), "overlay": overlay,
             "wall_seconds": {"train": wall, "evaluate": time.time() - start}, "curves": validation_curves(folder),
-            "operating_point": point}
+            "operating_point": point, "operating_point_per_modality": per_modality_point}
 
 
 def operating_point_record(chosen: dict | None, at_test: dict | None, validation) -> dict | None:

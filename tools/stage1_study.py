@@ -229,6 +229,9 @@ def run_one(name: str, overrides: list[str], seed: int, precision: str, args) ->
               "dataset_dir": recorded_path(args.dataset_dir),
               "machine": machine(), "wall_s": round(wall, 1), "epochs": history,
               "grad_shares": grad_shares(text), **summarise(history)}
+    selection = work / "models" / "model_per_modality.selection.json"  # each network at its own best epoch
+    if selection.is_file():
+        record["per_modality_selection"] = json.loads(selection.read_text())["networks"]
     summary = record["best"]
     print(f"  {wall / 60:.1f} min; best epoch {summary['epoch']}: "
           + ", ".join(f"{m} {100 * summary.get(f'val_dsc_{m}', float('nan')):.1f}" for m in MAPS), flush=True)
@@ -291,6 +294,39 @@ def report(records: list[dict]) -> str:
         wall = statistics.mean(r["wall_s"] for r in rows) / 60
         lines.append(f"| {name} | {precision} | {seeds} | {epochs} | " + " | ".join(cells)
                      + f" | {acc} | {spread} | {share_text} | {wall:.1f} |")
+    return "\n".join(lines) + "\n\n" + own_best_report(groups)
+
+
+def own_best(record: dict, name: str) -> tuple[int, float] | None:
+    """(epoch, validation DSC) of `name`'s map at its own best epoch (ties: the earlier), the epoch
+    models/model_per_modality.pt keeps that network at; None when the map was not validated."""
+    rows = [e for e in record["epochs"] if f"val_dsc_{name}" in e]
+    if not rows:
+        return None
+    best = max(rows, key=lambda e: (e[f"val_dsc_{name}"], -e["epoch"]))
+    return int(best["epoch"]), float(best[f"val_dsc_{name}"])
+
+
+def own_best_report(groups: dict) -> str:
+    """Markdown: per (candidate, precision), each network's validation DSC at the fused-best epoch (model.pt)
+    and at its own best epoch (model_per_modality.pt), mean over seeds, with those epochs. Both are chosen on
+    the validation split they are read on (optimistic alike); the fused map of the per-modality model needs an
+    evaluation of that file (tools/experiments does it)."""
+    lines = ["Each network at its own best validation epoch (models/model_per_modality.pt) against the best fused "
+             "epoch (models/model.pt): validation DSC, mean over seeds (own epochs per seed)", "",
+             "| candidate | precision | " + " | ".join(f"{m}: fused-best -> own best (epochs)" for m in MODALITIES) + " |",
+             "|---|---|" + "---|" * len(MODALITIES)]
+    for (name, precision), rows in sorted(groups.items()):
+        cells = []
+        for m in MODALITIES:
+            picks = [own_best(r, m) for r in rows]
+            if any(p is None for p in picks):
+                cells.append("-")
+                continue
+            kept = statistics.mean(100 * r["best"][f"val_dsc_{m}"] for r in rows)
+            own = statistics.mean(100 * p[1] for p in picks)
+            cells.append(f"{kept:.1f} -> {own:.1f} ({','.join(str(p[0]) for p in picks)})")
+        lines.append(f"| {name} | {precision} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -41,7 +41,9 @@ def test_quick_experiments_write_every_table_and_figure(tmp_path):
     # one record per finished run, with the provenance a table needs and no weights
     record = json.loads((out / "records" / "seed1" / "cmer.json").read_text())
     assert record["precision"] == resolve_precision("auto", "cpu") and record["machine"]["torch"] and record["commit"]
-    assert record["recipe"]["epochs"] == 1 and set(record["evaluations"]) == {"cmer"}  # extra read-outs: seed 0
+    # extra read-outs on seed 0; every seed: each network at its own best validation epoch (model_per_modality.pt)
+    assert record["recipe"]["epochs"] == 1 and set(record["evaluations"]) == {"cmer", "cmer.per_modality"}
+    assert record["operating_point_per_modality"]["validation"]["split"] == "validation"
     assert "cmer.gradcampp" in json.loads((out / "records" / "seed0" / "cmer.json").read_text())["evaluations"]
     assert not list((out / "records").rglob("*.pt"))
     assert [e["epoch"] for e in record["curves"]["epochs"]] == [1]  # the training curves travel with the record

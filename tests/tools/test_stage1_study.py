@@ -71,3 +71,13 @@ def test_a_recorded_run_is_skipped_and_a_failed_one_leaves_no_record(tmp_path, m
 def test_unknown_candidate_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         study.main(["--candidates", "nope", "--out", str(tmp_path)])
+
+
+def test_each_network_is_also_reported_at_its_own_best_epoch():
+    record = _record("a", 1, [0.2, 0.4])
+    record["epochs"][0]["val_dsc_t1"], record["epochs"][1]["val_dsc_t1"] = 0.5, 0.1  # T1 peaks at epoch 1
+    assert study.own_best(record, "t1") == (1, 0.5) and study.own_best(record, "t2") is None
+    assert study.own_best({"epochs": [_epoch(1, 0.3, 0.3), _epoch(2, 0.3, 0.3)]}, "flair")[0] == 1  # a tie: the earlier
+    table = study.report([record])
+    row = next(line for line in table.splitlines() if line.startswith("| a | fp32 |") and "->" in line)
+    assert "10.0 -> 50.0 (1)" in row  # at the fused-best epoch 2 T1 had 10 %, at its own epoch 1 50 %

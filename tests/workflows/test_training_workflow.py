@@ -41,6 +41,10 @@ def test_method_preset_trains_two_modalities(method, tiny_dataset, tmp_path, cap
     workflow.run()
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert {k.split(".")[1] for k in state if k.startswith("nets.")} == {"0", "1"}  # two networks
+    per_modality = torch.load(tmp_path / "models" / "model_per_modality.pt", weights_only=True)
+    assert set(per_modality) == set(state)  # the same network, each part at its own best epoch (here: epoch 1)
+    selection = json.loads((tmp_path / "models" / "model_per_modality.selection.json").read_text())
+    assert {m: v["epoch"] for m, v in selection["networks"].items()} == {"t1": 1, "t2": 1}
     table = capsys.readouterr().out
     assert "| t1 |" in table and "| t2 |" in table and "| fused |" in table
     output = loss_scalars(workflow.parser.get_parsed_content("train#trainer").state.output)
@@ -82,5 +86,6 @@ def test_run_killed_with_sigkill_resumes_and_finishes_its_epochs(tiny_dataset, t
     assert f"resumed at epoch {killed_at}" in result.stdout + result.stderr
     assert _epoch_of(last) == 3
     assert (tmp_path / "models" / "model.pt").is_file()
-    leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.name not in {"last.pt", "model.pt"}]
+    written = {"last.pt", "model.pt", "model_per_modality.pt", "model_per_modality.selection.json"}
+    leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.name not in written]
     assert leftovers == []  # atomic writes leave no temporary files
