@@ -186,6 +186,46 @@ def overlay(case: str, prepared: dict, gated, threshold: float, out_png: Path) -
     return _save(fig, out_png)
 
 
+def false_firing(case: str, prepared: dict, gated, ungated, out_png: Path, gate_threshold: float = 0.5,
+                 count: int = 4) -> Path | None:
+    """Where each network fires on healthy slices: per modality, the `count` slices without reference
+    tumour (all slices for a case without a reference) with the highest tumour probability above the
+    gate, the ungated CAM as heat over that modality's image and the slice's relative height in the
+    brain. None when no network fires on a healthy slice. A diagnosis (issue 31, item 3): which
+    anatomy the networks take for tumour."""
+    from matplotlib.figure import Figure
+
+    from scripts.workflows.figures import _save, cam_overlay
+
+    image = prepared["image"].numpy()
+    brain = gated.brain.numpy()
+    truth = prepared["truth"]
+    healthy = brain & ~(truth.numpy().reshape(-1, image.shape[-1]).any(0) if truth is not None else np.zeros_like(brain))
+    heights = np.flatnonzero(brain)
+    rows = []
+    for k, name in enumerate(gated.names):
+        probability = gated.probabilities[k].numpy()
+        fired = np.flatnonzero(healthy & (probability > gate_threshold))
+        top = fired[np.argsort(-probability[fired])][:count]
+        rows.append((k, name, sorted(top.tolist()), probability))
+    if not any(top for _, _, top, _ in rows):
+        return None
+    fig = Figure(figsize=(2.0 * count, 2.1 * len(rows) + 0.4), dpi=100)
+    for r, (k, name, top, probability) in enumerate(rows):
+        for c, z in enumerate(top):
+            ax = fig.add_subplot(len(rows), count, r * count + c + 1)
+            plane = image[k, :, :, z]
+            if (plane != 0).any():
+                plane = np.where(plane != 0, plane, plane[plane != 0].min())
+            ax.imshow(cam_overlay(np.rot90(plane), np.rot90(ungated.maps[k][:, :, z].numpy())), interpolation="nearest")
+            height = (z - heights.min()) / max(heights.max() - heights.min(), 1)
+            ax.set_title(f"{name} z={z} p={probability[z]:.2f} h={height:.2f}", fontsize=7)
+            ax.set_axis_off()
+    fig.suptitle(f"{case}: healthy slices where each network fires (ungated CAM; h = relative height in the brain)",
+                 fontsize=8)
+    return _save(fig, out_png)
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -254,6 +294,7 @@ def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float 
         results[case] = score_case(gated, ungated, prepared["image"], prepared["truth"], threshold, gate_threshold)
         if out_dir:
             overlay(case, prepared, gated, threshold, out_dir / f"overlay_{case}.png")
+            false_firing(case, prepared, gated, ungated, out_dir / f"false_firing_{case}.png", gate_threshold)
         print(f"{case}: fused dsc {_fmt(results[case][FUSED]['dsc'])}", file=sys.stderr, flush=True)
     if out_dir:
         atomic_write_json(out_dir / "real_check.json", {"settings": settings, "cases": results})

@@ -41,6 +41,10 @@ def test_scores_a_case_with_reference_and_describes_one_without(tmp_path, monkey
     written = json.loads((tmp_path / "out" / "real_check.json").read_text())
     assert written["cases"]["Labelled"]["fused"]["dsc"] == labelled["fused"]["dsc"]
     assert (tmp_path / "out" / "overlay_Labelled.png").stat().st_size > 0
+    # where the networks fire on slices without reference tumour: none on the labelled case; on the
+    # unlabelled one every slice counts as healthy, so the cube's slices are shown
+    assert not (tmp_path / "out" / "false_firing_Labelled.png").exists()
+    assert (tmp_path / "out" / "false_firing_Unlabelled.png").stat().st_size > 0
     assert "| Labelled | fused |" in (tmp_path / "out" / "real_check.md").read_text()
 
 
