@@ -1,7 +1,12 @@
 """Does a model find the tumour on real scans? Per case and modality, with the gate and the map apart.
 
     python -m tools.real_scan_check --ckpt_path models/model.pt --data DIR [--out runs/real_check]
-        [--gate_threshold 0.5 --threshold 0.5 --fusion mean] [--device cpu]
+        [--gate_threshold 0.5 --threshold T --fusion mean] [--device cpu]
+
+Without --threshold the masks are binarised as inference does: at the operating point recorded
+beside the checkpoint for the fusion (an evaluation of the phantom's validation split writes it,
+`<ckpt stem>.operating_point.json`), else at 0.5. One `false_firing_<case>.png` per case shows
+the healthy slices each network fires on most (where it takes anatomy for tumour).
 
 DIR is any layout the bundle reads (BraTS 2018-21 / 2023+ folders, nested or not, MSD Task01,
 a datalist JSON); subjects with a `seg` are scored, the others only described. Each case goes
@@ -241,7 +246,7 @@ def markdown(results: dict, settings: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float = 0.5, threshold: float = 0.5,
+def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float = 0.5, threshold: float | None = None,
               fusion: str = "mean", device: str = "cpu", subjects=None, smooth_mm: float = 0.0,
               speckle: float = 0.0, normalization: str | None = None) -> dict:
     """Score every case under `data` (module docstring); write the table, JSON and overlays to `out`.
@@ -251,7 +256,9 @@ def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float 
         data: a folder in any supported layout, or a datalist JSON.
         out: output folder (created); None writes nothing.
         gate_threshold: tumour probability a slice must exceed to keep its map.
-        threshold: binarisation threshold of every map.
+        threshold: binarisation threshold of every map; None = inference's rule: the operating point
+            recorded beside the checkpoint for `fusion` (chosen on the phantom's validation split by an
+            evaluation), else 0.5.
         fusion: "mean" or "max" over the modalities.
         device: torch device name.
         subjects: only these subject ids (default all).
@@ -268,8 +275,12 @@ def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float 
     from scripts.data.subjects import discover_subjects
     from scripts.workflows.map_engine import MapEngine
 
+    from scripts.workflows.operating_point import recorded_threshold
+
     torch_device = torch.device(device)
     network, model = load_model(ckpt_path, torch_device)
+    if threshold is None:
+        threshold = recorded_threshold(ckpt_path, fusion)
     if normalization is not None:
         model = {**model, "normalization": normalization}
     records = [r for r in discover_subjects(data, allow_missing=True) if not subjects or r["subject"] in subjects]
@@ -308,7 +319,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="folder of real scans (any supported layout) or datalist")
     parser.add_argument("--out", default="runs/real_check")
     parser.add_argument("--gate_threshold", type=float, default=0.5)
-    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="binarisation threshold (default: as inference, the model's recorded operating point, "
+                             "else 0.5)")
     parser.add_argument("--fusion", choices=("mean", "max"), default="mean")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--subjects", nargs="*", default=None)
@@ -322,9 +335,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     results = run_check(args.ckpt_path, args.data, args.out, args.gate_threshold, args.threshold, args.fusion,
                         args.device, args.subjects, args.smooth_mm, args.speckle, args.normalization)
-    settings = {"ckpt_path": args.ckpt_path, "gate_threshold": args.gate_threshold, "threshold": args.threshold,
-                "fusion": args.fusion}
-    print(markdown(results, settings))
+    print(Path(args.out, "real_check.md").read_text() if args.out else markdown(results, {
+        "ckpt_path": args.ckpt_path, "gate_threshold": args.gate_threshold, "threshold": args.threshold,
+        "fusion": args.fusion}))
     return 0
 
 

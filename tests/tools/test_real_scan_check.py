@@ -72,3 +72,18 @@ def test_fine_texture_ratio_tells_speckle_from_smooth():
     speckled = smooth + 1.0 * rng.standard_normal(brain.shape) * truth
     smooth_ratio, speckled_ratio = (check.fine_texture_ratio(x, truth, brain) for x in (smooth, speckled))
     assert speckled_ratio > 2.0 * smooth_ratio and speckled_ratio > 3.0
+
+
+def test_without_a_threshold_the_models_recorded_operating_point_is_used_as_inference_does(tmp_path, monkeypatch):
+    from scripts.workflows.operating_point import write_operating_point
+
+    data = tmp_path / "real"
+    write_subject(data, "Labelled")
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights")  # load_model is replaced; the record is tied to these bytes
+    write_operating_point(ckpt, {"split": "validation", "fusions": {"mean": {"threshold": 0.3}}})
+    monkeypatch.setattr(check, "load_model", lambda path, device: (CopyModel().eval(), dict(SETTINGS)))
+    check.run_check(str(ckpt), str(data), str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "real_check.json").read_text())["settings"]["threshold"] == 0.3
+    check.run_check(str(ckpt), str(data), str(tmp_path / "out2"), threshold=0.5)  # a given threshold wins
+    assert json.loads((tmp_path / "out2" / "real_check.json").read_text())["settings"]["threshold"] == 0.5
