@@ -3,7 +3,7 @@
 The main rows of Table II (CAM, SEAM (scale), SEAM (all), CMER, stage 2 from both kinds of
 pseudo-masks, full supervision) run for every seed; the Table III ablations, the Table I pair
 runs, the Fig. 3 transform ablation, the DeepLab backbone (Table IV) and the improvement
-switches run for the first seed only. GradCAM++ (the paper's second block) and the Table I
+switches and two controls (CAM on two views without ER, CMER with pi = identity) run for the first seed only. GradCAM++ (the paper's second block) and the Table I
 pairs of the baselines are read-outs of the main runs' networks, evaluated inside those runs
 (`EXTRA_READOUTS`, `Plan.pairs`), so they need no training of their own.
 """
@@ -51,6 +51,12 @@ SWITCH_RUNS = (
 # Fig. 3: CMER with one kind of transform in its equivariance terms at a time.
 TRANSFORM_RUNS = tuple(Run(f"cmer_{kind}", "cmer", overrides=(("transforms#kinds", [kind]),))
                        for kind in TRANSFORM_KINDS)
+# Controls (issue 34): what equivariance adds beyond a second, transformed view (CAM with L_C on x and pi(x),
+# no ER), and what cross-modality agreement gives without equivariance (CMER with pi = identity).
+CONTROL_RUNS = (
+    Run("cam_two_view", "cam", overrides=(("transforms#kinds", list(TRANSFORM_KINDS)),)),
+    Run("cmer_identity", "cmer", overrides=(("transforms#kinds", ["identity"]),)),
+)
 # Stage 2 from the paper's pseudo-masks: all four maps fused (the `auto` default picks its own).
 STAGE2_ALL = (("pseudo_modalities", None),)
 
@@ -68,12 +74,13 @@ class Plan:
     device: str | None = None  # --device
     readouts: dict = field(default_factory=lambda: dict(EXTRA_READOUTS))
     kind: str = "full"  # or "quick": recorded, so --report-only rebuilds the same plan
+    extras: bool = True  # the first seed's pair / read-out evaluations and overlay (False: --main-only, a grid)
 
 
 def full_plan(seeds=DEFAULT_SEEDS) -> Plan:
     """Every run of the paper's tables, ordered so an interrupted experiment has the most important first:
     per seed CMER, its two stage-2 runs (right after it: they need its model.pt) and the baselines;
-    then full supervision for every seed (the last main row), the Table III ablations, the Fig. 3 transform runs, the
+    then full supervision for every seed (the last main row), the two controls (CONTROL_RUNS), the Table III ablations, the Fig. 3 transform runs, the
     pair runs, the DeepLab backbone and the switches (first seed)."""
     seeds = tuple(int(s) for s in seeds)
     first = seeds[0]
@@ -83,6 +90,7 @@ def full_plan(seeds=DEFAULT_SEEDS) -> Plan:
                  Run("stage2_all", "cmer", overrides=STAGE2_ALL, seed=s, stage1="cmer")]
         runs += [Run(m, m, seed=s) for m in ("cam", "seam_all", "seam_scale")]
     runs += [Run("full_supervision", "full_supervision", seed=s) for s in seeds]
+    runs += [dataclasses.replace(r, seed=first) for r in CONTROL_RUNS]
     runs += [Run(m, m, seed=first) for m in ABLATIONS if m != "cmer"]
     runs += [dataclasses.replace(r, seed=first) for r in TRANSFORM_RUNS]
     runs += [Run(f"cmer_{a}_{b}", "cmer", (a, b), seed=first) for a, b in PAIRS]

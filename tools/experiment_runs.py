@@ -193,7 +193,7 @@ def stage1_record(run: Run, ctx: Context) -> dict:
         evaluations[f"{run.name}.{PER_MODALITY}"] = _evaluation(pm_result)
         per_modality_point = operating_point_record(pm_chosen, pm_at_test, pm_validation)
     plain = tuple(run.modalities) == MODALITIES and not run.overrides
-    first = run.seed == plan.seeds[0]
+    first = run.seed == plan.seeds[0] and plan.extras
     if plain and first and run.method in BASELINES + ("full_supervision",):
         for a, b in plan.pairs:
             sub = sub_checkpoint(model, MODALITIES, (a, b), folder / "models" / f"model_{a}_{b}.pt")

@@ -139,6 +139,14 @@ def table_switches(data: dict) -> str:
                           _first(data))
 
 
+def table_controls(data: dict) -> str:
+    """Controls (first seed), DSC %: CAM on one view and on two views (the augmentation without ER), SEAM (all),
+    CMER with pi = identity (agreement between modalities without equivariance) and CMER."""
+    return _per_map_table(data, (), _first(data), {
+        "CAM (one view)": "cam", "CAM on two views, no ER (control)": "cam_two_view", "SEAM (all)": "seam_all",
+        "CMER with pi = identity (control)": "cmer_identity", "CMER": "cmer"})
+
+
 def table_v(data: dict) -> str:
     """r_u = FN/TP and r_o = FP/TP at the threshold, pooled over the test volumes of every seed (CAM too,
     which the paper's table leaves out: the SEAM (all) > CAM claims need it)."""
@@ -160,7 +168,7 @@ def first_seed_runs(data: dict) -> list[str]:
     """The recorded one-seed stage-1 runs in the page's order (Table III, Fig. 3, pairs, DeepLab, switches),
     CMER first as their reference."""
     order = ("cmer", *ABLATIONS, *(f"cmer_{k}" for k in TRANSFORM_KINDS), *(f"cmer_{k}" for k in PAIR_KEYS),
-             DEEPLAB_RUN, *sorted(r for r in data["runs"] if r.startswith(SWITCH_PREFIX)))
+             DEEPLAB_RUN, *sorted(r for r in data["runs"] if r.startswith(SWITCH_PREFIX)), "cam_two_view", "cmer_identity")
     return [r for r in dict.fromkeys(order) if r in data["runs"]]
 
 
@@ -358,6 +366,8 @@ def render_page(data: dict, figure_dir: str = "", title: str = "Experiments", no
         "## r_u / r_o of the one-seed runs (first seed's test volumes; each cell r_u / r_o)", "",
         table_v_first(data),
         "## Improvement switches (DSC %, first seed)", "", table_switches(data),
+        "## Controls: equivariance against a second view, agreement without equivariance (DSC %, first seed)", "",
+        table_controls(data),
         "## Training: slice accuracy / DSC (%) on the validation split at the kept epoch (mean over seeds)", "",
         "The classifier of each modality (slice tumour / healthy) and its map's DSC at the epoch whose weights "
         "were kept (fused: no accuracy); per-epoch curves in the figure `curves` below.", "", table_learning(data),

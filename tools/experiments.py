@@ -302,6 +302,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--write-docs", metavar="PATH", help="also write the results page (e.g. docs/results.md)")
     parser.add_argument("--update-metadata", action="store_true",
                         help="copy the main CMER row into configs/metadata.json's eval_metrics")
+    parser.add_argument("--main-only", action="store_true",
+                        help="evaluate each run's own maps only: no pair or GradCAM++ read-outs, no overlay (a grid)")
     parser.add_argument("--report-only", action="store_true",
                         help="train and evaluate nothing: rebuild results.json, figures and tables from the records")
     return parser
@@ -320,6 +322,7 @@ def _plan_of(args, parser, recorded: dict | None = None) -> Plan:
         dataset_dir = str(BUNDLE_ROOT / recorded["dataset_dir"])
     plan.dataset_dir = str(Path(dataset_dir).resolve()) if dataset_dir else None
     plan.device = args.device
+    plan.extras = not getattr(args, "main_only", False)
     if "presets" in recorded:
         plan.presets = tuple(recorded["presets"])
     plan.overrides = dict(recorded.get("set") or {}) if not args.set else {}

@@ -368,11 +368,19 @@ def _draw_translation(batch_size, height, width, generator, config) -> DrawnTran
     )
 
 
+def _draw_identity(batch_size: int, height: int, width: int, generator, config: dict) -> DrawnTransform:
+    """pi = identity: a control, not one of the paper's transforms (issue 34). With `kinds: [identity]` the
+    second view is the image itself: L_ER vanishes and L_CMER is cross-modality agreement without
+    equivariance; draws nothing from `generator`."""
+    return DrawnTransform(batch_size, height, width)
+
+
 _DRAWERS = {
     "flip": _draw_flip,
     "rotation": _draw_rotation,
     "scale": _draw_scale,
     "translation": _draw_translation,
+    "identity": _draw_identity,
 }
 
 
@@ -383,7 +391,7 @@ def draw_transform(kind: str, batch_size: int, height: int, width: int,
     `generator` must be a CPU generator (None falls back to torch's global RNG).
     """
     if kind not in _DRAWERS:
-        raise ValueError(f"unknown transform kind {kind!r}: expected one of {list(TRANSFORM_KINDS)}")
+        raise ValueError(f"unknown transform kind {kind!r}: expected one of {list(_DRAWERS)}")
     return _DRAWERS[kind](batch_size, height, width, generator, resolve_config(config))
 
 
@@ -395,6 +403,6 @@ def draw_from(kinds: Sequence[str], batch_size: int, height: int, width: int,
         raise ValueError("draw_from needs at least one transform kind")
     unknown = [k for k in kinds if k not in _DRAWERS]
     if unknown:
-        raise ValueError(f"unknown transform kinds {unknown}: expected some of {list(TRANSFORM_KINDS)}")
+        raise ValueError(f"unknown transform kinds {unknown}: expected some of {list(_DRAWERS)}")
     kind = kinds[int(torch.randint(len(kinds), (1,), generator=generator))]
     return draw_transform(kind, batch_size, height, width, generator, config)

@@ -37,7 +37,7 @@ class TransformSampler:
     same stream of transforms.
 
     Args:
-        kinds: transform kinds to draw from (flip, rotation, scale, translation), one per batch.
+        kinds: transform kinds to draw from (flip, rotation, scale, translation; identity, a control), one per batch.
         config: options of the transforms (scripts.method.equivariance.draw_transform).
         seed: seed of the sampler's own generator.
     """

@@ -357,3 +357,11 @@ def test_invalid_requests_raise():
     # Half turns keep a non-square canvas, so they are allowed.
     half_turns = draw_transform("rotation", 2, 16, 20, generator, {"rotation_ks": (0, 2)})
     assert half_turns.apply(torch.zeros(2, 1, 16, 20)).shape == (2, 1, 16, 20)
+
+
+def test_identity_is_a_control_that_leaves_the_view_unchanged():
+    """`transforms#kinds: [identity]`: the second view is the image (issue 34's pi = identity control)."""
+    x = torch.randn(2, 3, 16, 16)
+    pi = draw_from(["identity"], 2, 16, 16, torch.Generator().manual_seed(0), None)
+    assert pi.kind == "identity" and torch.equal(pi.apply(x), x) and torch.equal(pi.inverse(x), x)
+    assert "identity" not in TRANSFORM_KINDS  # not one of the paper's transforms (Fig. 3 does not sweep it)

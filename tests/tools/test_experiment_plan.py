@@ -11,7 +11,7 @@ from tools import experiments as ex
 MAIN = ("cmer", "stage2", "stage2_all", "cam", "seam_all", "seam_scale", "full_supervision")
 FIRST_ONLY = ("kd_only", "kd_er", "er_cmer", "cmer_deeplab", "cmer_t1_t2", "cmer_t1c_flair", "cmer_t1_flair",
               "cmer_t1c_t2", "cmer_flip", "cmer_rotation", "cmer_scale", "cmer_translation", "cmer+per_sample_sum",
-              "cmer+mask_out_of_field")
+              "cmer+mask_out_of_field", "cam_two_view", "cmer_identity")
 
 
 def test_main_rows_run_for_every_seed_the_rest_for_the_first():
@@ -37,6 +37,10 @@ def test_main_rows_run_for_every_seed_the_rest_for_the_first():
     assert dict(next(r for r in plan.runs if r.name == "stage2_all").overrides) == {"pseudo_modalities": None}
     assert dict(next(r for r in plan.runs if r.name == "cmer_deeplab").overrides) == {"backbone": "deeplab"}
     assert dict(next(r for r in plan.runs if r.name == "cmer_rotation").overrides) == {"transforms#kinds": ["rotation"]}
+    # the controls: CAM's L_C on both views without ER; CMER's terms with pi = identity
+    two_view = next(r for r in plan.runs if r.name == "cam_two_view")
+    assert two_view.method == "cam" and dict(two_view.overrides)["transforms#kinds"] == list(plan_mod.TRANSFORM_KINDS)
+    assert dict(next(r for r in plan.runs if r.name == "cmer_identity").overrides) == {"transforms#kinds": ["identity"]}
     assert set(plan.readouts) == {"cam", "seam_scale", "seam_all", "cmer"}  # GradCAM++ on the same networks
 
 

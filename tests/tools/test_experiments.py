@@ -82,7 +82,7 @@ def test_fixed_data_keep_the_data_and_vary_the_split(tmp_path):
                              "--runs", "cam", *TINY]) == 0
     assert not (data / "datalist.json").exists()  # the data folder is left as it is
     assert json.loads((out / "splits" / "seed3" / "datalist.json").read_text())["seed"] == 3
-    assert set(json.loads((out / "results.json").read_text())["runs"]) == {"cam", "cam@t1_t2"}
+    assert set(json.loads((out / "results.json").read_text())["runs"]) == {"cam", "cam@t1_t2", "cam.per_modality"}
     assert json.loads((out / "records" / "seed3" / "cam.json").read_text())["dataset_dir"] == "data"
 
 
