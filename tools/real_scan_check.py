@@ -61,7 +61,17 @@ def load_model(ckpt_path: str, device: torch.device):
     return network.to(device).eval(), settings
 
 
-def prepare_case(record: dict, settings: dict, smooth_mm: float = 0.0) -> dict:
+def _zoomed(volume, zoom: float):
+    """The same voxels declared `zoom` times larger (the affine's linear part scaled): after resampling to the
+    model's spacing the head is `zoom` times bigger."""
+    volume = volume.clone()
+    affine = volume.affine.clone()
+    affine[:3, :3] = affine[:3, :3] * float(zoom)
+    volume.affine = affine
+    return volume
+
+
+def prepare_case(record: dict, settings: dict, smooth_mm: float = 0.0, zoom: float = 1.0) -> dict:
     """One subject through inference's loading and preprocessing; the seg (if any) on the same grid.
 
     Args:
@@ -69,6 +79,8 @@ def prepare_case(record: dict, settings: dict, smooth_mm: float = 0.0) -> dict:
         settings: the model's recorded settings (modalities, spacing, spatial_size, normalization).
         smooth_mm: a diagnostic: Gaussian blur (sigma, mm) of the scans as loaded, before the
             preprocessing resamples them (0 = inference's route exactly).
+        zoom: a diagnostic: the head scaled by this factor (its voxels declared larger) before the
+            preprocessing, the reference with it (1 = inference's route exactly).
 
     Returns {"image": (K, H, W, D) tensor, "modalities": [...], "truth": (H, W, D) bool or None}.
     """
@@ -87,6 +99,8 @@ def prepare_case(record: dict, settings: dict, smooth_mm: float = 0.0) -> dict:
     if record.get("seg"):
         data["seg"] = load_volume(record["seg"], str(record["subject"]), "seg")
         label_keys = ["seg"]
+    if zoom != 1.0:
+        data = {key: _zoomed(value, zoom) for key, value in data.items()}
     prep = volume_preprocessing(settings["spacing"], settings["spatial_size"], settings["normalization"],
                                 image_keys=("image",), label_keys=label_keys)(data)
     image = torch.as_tensor(prep["image"]).as_subclass(torch.Tensor).float()
@@ -248,7 +262,7 @@ def markdown(results: dict, settings: dict) -> str:
 
 def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float = 0.5, threshold: float | None = None,
               fusion: str = "mean", device: str = "cpu", subjects=None, smooth_mm: float = 0.0,
-              speckle: float = 0.0, normalization: str | None = None) -> dict:
+              speckle: float = 0.0, normalization: str | None = None, zoom: float = 1.0) -> dict:
     """Score every case under `data` (module docstring); write the table, JSON and overlays to `out`.
 
     Args:
@@ -267,6 +281,7 @@ def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float 
             preprocessing (cases without a reference are left as they are).
         normalization: the intensity normalisation of the scans (None: the model's recorded
             one; "robust" clips each modality to its brain's 0.5-99.5th percentiles first).
+        zoom: diagnostic scaling of the heads before preprocessing (`prepare_case`).
 
     Returns:
         {case: {map: {column: value}}}.
@@ -289,14 +304,14 @@ def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float 
     ungated_engine = MapEngine(gate=False, fusion=fusion, threshold=threshold,
                                slice_normalization=model["slice_normalization"])
     settings = {"ckpt_path": str(ckpt_path), "gate_threshold": gate_threshold, "threshold": threshold,
-                "fusion": fusion, "smooth_mm": smooth_mm, "speckle": speckle, "model": model}
+                "fusion": fusion, "smooth_mm": smooth_mm, "speckle": speckle, "zoom": zoom, "model": model}
     results = {}
     out_dir = Path(out) if out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
     for record in records:
         case = str(record["subject"])
-        prepared = prepare_case(record, model, smooth_mm)
+        prepared = prepare_case(record, model, smooth_mm, zoom)
         if speckle > 0 and prepared["truth"] is not None:
             noise = torch.randn(prepared["image"].shape, generator=torch.Generator().manual_seed(0))
             prepared["image"] = prepared["image"] + float(speckle) * noise * prepared["truth"]
@@ -326,6 +341,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--subjects", nargs="*", default=None)
     parser.add_argument("--smooth_mm", type=float, default=0.0, help="diagnostic: blur the scans first (sigma, mm)")
+    parser.add_argument("--zoom", type=float, default=1.0,
+                        help="diagnostic: scale the heads by this factor before preprocessing (their voxels declared larger)")
     parser.add_argument("--speckle", type=float, default=0.0,
                         help="diagnostic: N(0, SD) noise inside the reference tumour (z units)")
     from scripts.data.volumes import NORMALIZATIONS
@@ -334,7 +351,7 @@ def main(argv=None) -> int:
                         help="the scans' intensity normalisation (default: the model's recorded one)")
     args = parser.parse_args(argv)
     results = run_check(args.ckpt_path, args.data, args.out, args.gate_threshold, args.threshold, args.fusion,
-                        args.device, args.subjects, args.smooth_mm, args.speckle, args.normalization)
+                        args.device, args.subjects, args.smooth_mm, args.speckle, args.normalization, args.zoom)
     print(Path(args.out, "real_check.md").read_text() if args.out else markdown(results, {
         "ckpt_path": args.ckpt_path, "gate_threshold": args.gate_threshold, "threshold": args.threshold,
         "fusion": args.fusion}))

@@ -153,6 +153,16 @@ def band_rows():
     return rows
 
 
+def test_the_report_measures_the_head_volume():
+    """The brain mask's volume in litres (voxels non-zero in any modality x voxel volume); the default phantom's
+    heads are larger than real ones (the MNI template's size; docs/recipe.md, "Head size"), which the report shows."""
+    image = np.zeros((20, 20, 20), np.float32)
+    image[5:15, 5:15, 5:15] = 1.0
+    seg = np.zeros(image.shape, np.int16)
+    stats = report.subject_statistics({"t1": image, "flair": image}, seg, voxel_ml=0.027)
+    assert stats[("volume", "brain")]["all"] == pytest.approx(1000 * 0.027 / 1000)
+
+
 def test_contrast_bands_on_a_small_sample(band_rows):
     """The realism bands of the ratios (tumour compartments vs normal brain) hold on a small
     coarse sample, pooled over grades, within a stated slack; the full check (per grade, 20
@@ -187,6 +197,7 @@ def test_report_cli_on_written_data(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "| T1 | ratio to normal brain | core |" in printed and ("PASS" in printed or "FAIL" in printed)
+    assert "| all | volume (L) | brain |" in printed
     assert (tmp_path / "r.md").read_text().strip() == printed.strip()
     assert len(__import__("json").loads((tmp_path / "r.json").read_text())["subjects"]) == 2
 

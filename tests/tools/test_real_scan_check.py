@@ -87,3 +87,16 @@ def test_without_a_threshold_the_models_recorded_operating_point_is_used_as_infe
     assert json.loads((tmp_path / "out" / "real_check.json").read_text())["settings"]["threshold"] == 0.3
     check.run_check(str(ckpt), str(data), str(tmp_path / "out2"), threshold=0.5)  # a given threshold wins
     assert json.loads((tmp_path / "out2" / "real_check.json").read_text())["settings"]["threshold"] == 0.5
+
+
+def test_zoom_enlarges_the_head_and_its_reference_together(tmp_path):
+    from scripts.data.subjects import discover_subjects
+
+    write_subject(tmp_path / "real", "Labelled")
+    record = discover_subjects(str(tmp_path / "real"))[0]
+    plain = check.prepare_case(record, SETTINGS)
+    zoomed = check.prepare_case(record, SETTINGS, zoom=1.5)
+    brain = lambda case: int((case["image"].abs().sum(0) > 0).sum())  # noqa: E731
+    assert zoomed["truth"].sum() > 1.5 * plain["truth"].sum() and brain(zoomed) > 1.5 * brain(plain)
+    inside = zoomed["truth"] & (zoomed["image"].abs().sum(0) > 0)
+    assert inside.sum() == zoomed["truth"].sum()  # the reference stays on the head

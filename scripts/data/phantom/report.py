@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 MODALITIES = ("t1", "t1c", "t2", "flair")
-TITLES = {"t1": "T1", "t1c": "T1c", "t2": "T2", "flair": "FLAIR"}
+TITLES = {"t1": "T1", "t1c": "T1c", "t2": "T2", "flair": "FLAIR", "all": "all"}
 COMPARTMENTS = ("core", "oedema", "enhancing")
 # Labels of each compartment per layout (whole tumour = label > 0 in all of them).
 COMPARTMENT_LABELS = {
@@ -45,6 +45,7 @@ REAL_ANCHOR = {
     ("cv", "oedema"): {"t1": 0.38, "t1c": 0.39, "t2": 0.34, "flair": 0.27},
     ("cv", "normal"): {"t1": 0.43, "t1c": 0.42, "t2": 0.50, "flair": 0.32},
     ("ring", "oedema"): {"flair": 1.16},
+    ("volume", "brain"): {"all": 1.25},  # litres
 }
 NORMAL_CV_TOLERANCE = 0.35  # normal-brain CV within +-35 % of the real values
 # Voxel noise of normal-appearing brain: robust std (1.4826 x MAD) of (image - its 3x3x3
@@ -52,6 +53,13 @@ NORMAL_CV_TOLERANCE = 0.35  # normal-brain CV within +-35 % of the real values
 # cases at 1 mm: medians below, every case and modality within 0.016-0.071 (the band).
 NOISE_REAL_MEDIAN = {"t1": 0.024, "t1c": 0.045, "t2": 0.046, "flair": 0.049}
 NOISE_BAND = (0.016, 0.071)
+# Head size: the volume (litres) of the skull-stripped brain mask (voxels non-zero in any modality:
+# brain and the CSF around it). Adult intracranial volume is about 1.2-1.7 L (mean near 1.45 L; men
+# larger than women); BraTS keeps each head's own size (rigid registration to SRI24). The three real
+# cases of ../shared/real-dev measure 1.25, 1.62 and 1.64 L. The band holds the median over subjects.
+# The default phantom fails it (about 2.0 L: the MNI template's size); smaller heads were measured and
+# not adopted (docs/recipe.md, "Head size").
+BRAIN_VOLUME_BAND_L = (1.30, 1.65)
 MAD_TO_STD = 1.4826
 
 
@@ -79,6 +87,7 @@ def _bands() -> list[dict]:
         add("cv", "normal", modality, round(real * (1 - NORMAL_CV_TOLERANCE), 3),
             round(real * (1 + NORMAL_CV_TOLERANCE), 3))
         add("noise", "normal", modality, *NOISE_BAND)
+    add("volume", "brain", "all", *BRAIN_VOLUME_BAND_L)
     return bands
 
 
@@ -118,11 +127,13 @@ def voxel_noise(image: np.ndarray, normal: np.ndarray, brain: np.ndarray) -> flo
 
 
 def subject_statistics(images: dict[str, np.ndarray], seg: np.ndarray, layout: str = "brats2018-2021",
-                       spacing: float = 1.0) -> dict:
+                       spacing: float = 1.0, voxel_ml: float | None = None) -> dict:
     """{(quantity, compartment): {modality: value}} for one subject.
 
     Brain = voxels non-zero in any modality (skull-stripped data have a zero background);
-    normal brain = brain minus the whole tumour; `spacing` (mm, in-plane) sizes the ring."""
+    normal brain = brain minus the whole tumour; `spacing` (mm, in-plane) sizes the ring;
+    `voxel_ml` (the voxel's volume, ml), when given, adds the brain mask's volume in litres
+    (`("volume", "brain")`, under modality "all")."""
     brain = np.zeros(seg.shape, bool)
     for image in images.values():
         brain |= image != 0
@@ -131,6 +142,8 @@ def subject_statistics(images: dict[str, np.ndarray], seg: np.ndarray, layout: s
     masks = {name: mask & brain for name, mask in compartment_masks(seg, layout).items()}
     ring = ring_mask(tumour, brain, max(1, int(round(RING_MM / spacing))))
     out: dict = {}
+    if voxel_ml is not None:
+        out[("volume", "brain")] = {"all": float(brain.sum()) * float(voxel_ml) / 1000.0}
     for modality, image in images.items():
         image = image.astype(np.float64)
         normal_mean = image[normal].mean() if normal.any() else math.nan
@@ -152,8 +165,9 @@ def subject_statistics(images: dict[str, np.ndarray], seg: np.ndarray, layout: s
     return out
 
 
-def _load_record(record: dict) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
-    """Images, segmentation and voxel size (mm) of one discovered subject, on the file's grid."""
+def _load_record(record: dict) -> tuple[dict[str, np.ndarray], np.ndarray, float, float]:
+    """Images, segmentation, in-plane voxel size (mm) and voxel volume (ml) of one discovered subject,
+    on the file's grid."""
     from scripts.common import canonical_modalities, canonical_modality
     from scripts.data.volumes import load_volume
 
@@ -164,8 +178,9 @@ def _load_record(record: dict) -> tuple[dict[str, np.ndarray], np.ndarray, float
         images = {canonical_modality(m): np.asarray(load_volume(p, record["subject"], m))[0]
                   for m, p in record["images"].items()}
     seg_volume = load_volume(record["seg"], record["subject"], "seg")
-    spacing = float(np.mean(np.asarray(seg_volume.pixdim)[:2]))
-    return images, np.rint(np.asarray(seg_volume)[0]).astype(np.int16), spacing
+    pixdim = np.asarray(seg_volume.pixdim, float)[:3]
+    spacing, voxel_ml = float(np.mean(pixdim[:2])), float(np.prod(pixdim)) / 1000.0
+    return images, np.rint(np.asarray(seg_volume)[0]).astype(np.int16), spacing, voxel_ml
 
 
 def dataset_statistics(data: str | Path, limit: int | None = None,
@@ -180,8 +195,8 @@ def dataset_statistics(data: str | Path, limit: int | None = None,
     records = records[:limit] if limit else records
     rows = []
     for i, record in enumerate(records):
-        images, seg, spacing = _load_record(record)
-        stats = subject_statistics(images, seg, record.get("layout", "brats2018-2021"), spacing)
+        images, seg, spacing, voxel_ml = _load_record(record)
+        stats = subject_statistics(images, seg, record.get("layout", "brats2018-2021"), spacing, voxel_ml)
         rows.append({"subject": record["subject"], "grade": record.get("grade") or "all", "stats": stats})
         if log is not None:
             log(f"[{i + 1}/{len(records)}] {record['subject']}")
@@ -218,7 +233,7 @@ def evaluate_bands(rows: list[dict]) -> list[dict]:
 
 QUANTITY_TITLES = {"ratio": "ratio to normal brain", "ring": "ratio to the 4-voxel ring",
                    "cv": "CV inside", "max_ratio": "largest compartment ratio",
-                   "noise": "voxel noise (robust, / brain median)"}
+                   "noise": "voxel noise (robust, / brain median)", "volume": "volume (L)"}
 
 
 def format_report(rows: list[dict], title: str = "") -> str:
