@@ -135,10 +135,12 @@ def test_only_rank_zero_reports_and_saves(rank, monkeypatch):
     assert parser.get_parsed_content("is_main_process") is (rank == 0)
     if rank == 0:
         assert reports == ["StatsHandler", "TensorBoardStatsHandler", "ProgressBar"]
-        assert validate == ["StatsHandler", "TensorBoardStatsHandler", "@validate#best_model_saver", "CAMImageWriter"]
+        assert validate == ["StatsHandler", "TensorBoardStatsHandler", "@validate#best_model_saver",
+                            "@validate#per_modality_saver", "CAMImageWriter"]
     else:  # nothing that reports is built, so no TensorBoard writer is opened
         assert reports == []
-        assert validate == ["@validate#best_model_saver"]  # a checkpoint object; not attached here
+        # checkpoint objects (the per-modality saver writes on rank 0 only); not attached here
+        assert validate == ["@validate#best_model_saver", "@validate#per_modality_saver"]
 
 
 def test_single_process_training_builds_every_handler():
@@ -150,7 +152,8 @@ def test_single_process_training_builds_every_handler():
             == ["LambdaEScheduler", "ValidationHandler", "ModalityLRSchedule", "StatsHandler",
                 "TensorBoardStatsHandler", "ProgressBar"])
     assert _enabled_targets(parser, "validate#handlers") == ["StatsHandler", "TensorBoardStatsHandler",
-                                                             "@validate#best_model_saver", "CAMImageWriter"]
+                                                             "@validate#best_model_saver",
+                                                             "@validate#per_modality_saver", "CAMImageWriter"]
     assert parser["validate#evaluator#val_handlers"].replace("::", "#") == "@validate#handlers"
 
 
@@ -198,10 +201,13 @@ def test_torchrun_two_processes_train_with_one_writer(tmp_path):
     # both processes trained and validated their shard (torchrun prefixes nothing: count engine ends)
     assert len(re.findall(r"CMERTrainer - INFO - Engine run finished", log)) == 2, log[-4000:]
     assert len(re.findall(r"CAMValidator - INFO - Engine run finished", log)) == 2, log[-4000:]
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["last.pt", "model.pt"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        "last.pt", "model.pt", "model_per_modality.pt", "model_per_modality.selection.json"]
     events = sorted((tmp_path / "runs" / "train").glob("events.out.tfevents.*"))
     assert events, "rank 0 wrote no TensorBoard events"
     assert len({e.name.rsplit(".", 2)[-2] for e in events}) == 1, events  # one writing process (pid in the name)
     assert (tmp_path / "runs" / "train" / "validation.md").is_file()
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(key.startswith("module.") for key in state)  # plain MultiModalCAM state dict
+    per_modality = torch.load(tmp_path / "models" / "model_per_modality.pt", weights_only=True)
+    assert set(per_modality) == set(state)  # the same plain state dict, written by rank 0
