@@ -16,7 +16,8 @@ so a grid spans sessions (commit the records as they land).
 The report reads the records alone: per method, one row per point with the validation DSC of the fused map at
 the method's own operating point (fusion and threshold chosen on the validation split: what a point is
 judged by), at the default read-out (mean fusion, 0.5) and at the paper's (max, 0.5), the threshold-free area
-under the validation DSC curve of the mean fusion, and the chosen point per method (the highest DSC at its own
+under the validation DSC curve of the mean fusion, the same judge for models/model_per_modality.pt (each network
+at its own best validation epoch), and the chosen point per method (the highest DSC at its own
 operating point; ties: the earlier point). Test numbers stay out of it: they are for the main rows at the
 chosen points, not for choosing.
 """
@@ -79,6 +80,8 @@ def point_scores(record: dict) -> dict | None:
     for name, (fusion, threshold) in (("default", DEFAULT_READOUT), ("paper", PAPER_READOUT)):
         curve = _fused_curve(sweep, fusion, configured)
         out[name] = value_at(curve["thresholds"], curve["dsc_mean"], threshold) if curve else None
+    per_modality = ((record.get("operating_point_per_modality") or {}).get("validation") or {})
+    out["per_modality"] = per_modality.get("dsc")  # model_per_modality.pt at its own operating point
     return out
 
 
@@ -101,12 +104,14 @@ def report(table: dict) -> str:
     lines = ["Validation fused DSC (%) per grid point; the chosen point per method in bold (highest at its own "
              "operating point).", "",
              "| method | point | own operating point (fusion, threshold) | mean, 0.5 | max, 0.5 (paper) | "
-             "area under the mean-fusion curve |", "|---|---|---|---|---|---|"]
+             "area under the mean-fusion curve | each network at its own best epoch, own operating point |",
+             "|---|---|---|---|---|---|---|"]
     for method, rows in table.items():
         best = max(range(len(rows)), key=lambda i: (rows[i][1]["own"], -i))
         for i, (name, s) in enumerate(rows):
             own = f"{pct(s['own'])} ({s['fusion']}, {s['threshold']:g})"
-            cells = [method, name, f"**{own}**" if i == best else own, pct(s["default"]), pct(s["paper"]), pct(s["auc"])]
+            cells = [method, name, f"**{own}**" if i == best else own, pct(s["default"]), pct(s["paper"]), pct(s["auc"]),
+                     pct(s.get("per_modality"))]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -40,7 +40,7 @@ def test_the_report_judges_each_point_at_the_methods_own_operating_point(tmp_pat
     scores = table["cam"][1][1]
     assert scores["own"] == 0.60 and scores["default"] == pytest.approx(0.40) and scores["paper"] == pytest.approx(0.15)
     text = grid.report(table)
-    assert "| cam | lr=0.003 | **60.0 (mean, 0.3)** | 40.0 | 15.0 | 40.0 |" in text
+    assert "| cam | lr=0.003 | **60.0 (mean, 0.3)** | 40.0 | 15.0 | 40.0 | - |" in text
     assert "| cam | lr=0.001 | 50.0 (mean, 0.3) |" in text and "| cmer | lr=0.001 | **70.0" in text
     assert grid.collect(tmp_path, seed=7) == {}
 
@@ -52,5 +52,6 @@ def test_one_tiny_point_end_to_end(tmp_path):
     assert code == 0
     record = json.loads((records / "epochs=1" / "seed0" / "cam.json").read_text())
     assert record["recipe"]["epochs"] == 1 and set(record["evaluations"]) == {"cam", "cam.per_modality"}
-    assert "| cam | epochs=1 | **" in (tmp_path / "grid.md").read_text()
+    row = next(line for line in (tmp_path / "grid.md").read_text().splitlines() if line.startswith("| cam | epochs=1 |"))
+    assert "**" in row and not row.endswith("| - |")  # the per-modality model judged too
     assert not (tmp_path / "out" / "epochs=1" / "runs" / "seed0" / "cam" / "eval_t1_t2").exists()  # --main-only
