@@ -145,7 +145,7 @@ def _grade_counts(records: list[dict]) -> dict[str, int]:
 _PHANTOM_DEFAULTS = {"subjects": 20, "seed": 0, "spacing": 1.0, "hgg_fraction": 0.5, "misregistration_mm": 0.0,
                      "misregistration_deg": 0.0}
 # Passed on only when the caller sets them; otherwise the generator's own defaults (render.py) hold.
-_PHANTOM_OPTIONAL = ("tumour_texture_mm", "tumour_texture_weights")
+_PHANTOM_OPTIONAL = ("tumour_texture_mm", "tumour_texture_weights", "cisterns_and_sinuses")
 
 
 def same_path(a, b) -> bool:

@@ -612,3 +612,37 @@ def test_tumour_texture_option_changes_only_the_tumour_texture():
         phantom.generate_subject(2, SEED, spacing=spacing, tumour_texture_mm=(10.0, 20.0), tumour_texture_weights=(1.0,))
     with pytest.raises(ValueError, match="> 0"):
         phantom.generate_subject(2, SEED, spacing=spacing, tumour_texture_mm=(0.0,), tumour_texture_weights=(1.0,))
+
+
+def test_cisterns_and_sinuses_option_fills_the_basal_holes_and_adds_enhancing_sinuses():
+    """phantom#cisterns_and_sinuses: the template's brain mask leaves the suprasellar and
+    interpeduncular cisterns out (holes inside axial slices, 0 on every modality); with the option
+    they are CSF (bright on T2, dark on T1), and the dural sinuses join the head, bright on T1c.
+    The tumour and the brain away from the additions stay the same subject."""
+    spacing = 3.0
+    default = phantom.generate_subject(1, SEED, spacing=spacing, grade="HGG", return_details=True)
+    added = phantom.generate_subject(1, SEED, spacing=spacing, grade="HGG", return_details=True,
+                                     cisterns_and_sinuses=True)
+    np.testing.assert_array_equal(default["seg"], added["seg"])
+    assert not default["details"]["cisterns_and_sinuses"] and added["details"]["cisterns_and_sinuses"]
+
+    def holes(brain):
+        return np.stack([ndi.binary_fill_holes(brain[:, :, k]) & ~brain[:, :, k] for k in range(brain.shape[2])], 2)
+
+    old_brain, new_brain = default["t2"] > 0, added["t2"] > 0
+    old_holes = holes(old_brain)
+    assert old_holes.sum() * spacing**3 / 1000.0 > 2.0  # cm3: the template's basal hole is there by default
+    assert holes(new_brain).sum() < 0.05 * old_holes.sum()
+    cisterns = old_holes & new_brain
+    assert np.median(added["t2"][cisterns]) > np.percentile(added["t2"][old_brain], 75)  # CSF: bright on T2
+    assert np.median(added["t1"][cisterns]) < np.median(added["t1"][old_brain])  # dark on T1
+
+    assert added["details"]["atrophy"]["dural_sinuses"]  # drawn for this subject (80 % are)
+    assert added["details"]["confounders"]["dural_sinuses_cm3"] > 2.0
+    outside = new_brain & ~old_brain & ~ndi.binary_dilation(cisterns, iterations=1)
+    bright = added["t1ce"][outside] > np.percentile(added["t1ce"][old_brain], 95)
+    assert bright.sum() * spacing**3 / 1000.0 > 1.0, bright.sum()  # cm3 of enhancing sinus outside the old brain
+    far = ~ndi.binary_dilation(new_brain & ~old_brain | cisterns, iterations=3) & old_brain & (default["seg"] == 0)
+    for name in phantom.MODALITY_FILES:
+        # away from the additions only the scaling to the normal brain's mean moves
+        assert np.median(added[name][far] / default[name][far].astype(float)) == pytest.approx(1.0, abs=0.03)

@@ -31,6 +31,9 @@ def _generate_parser() -> argparse.ArgumentParser:
                         help="correlation lengths (mm) of the tumour compartments' texture (default 1.5 4 10)")
     parser.add_argument("--tumour-texture-weights", type=float, nargs="+", default=None,
                         help="one weight per --tumour-texture-mm scale (default 0.25 0.5 1)")
+    parser.add_argument("--cisterns-and-sinuses", action="store_true",
+                        help="fill the basal cisterns with CSF, with enhancing arteries, and add enhancing dural "
+                             "sinuses (docs/phantom.md)")
     parser.add_argument("--figure", help="also write a PNG with the first HGG and LGG subject")
     parser.add_argument("--overwrite", action="store_true", help="replace existing subjects")
     return parser
@@ -61,7 +64,8 @@ def generate(argv) -> int:
                                    misregistration_mm=args.misregistration_mm,
                                    misregistration_deg=args.misregistration_deg,
                                    tumour_texture_mm=args.tumour_texture_mm or TUMOUR_TEXTURE_MM,
-                                   tumour_texture_weights=args.tumour_texture_weights or TUMOUR_TEXTURE_WEIGHTS)
+                                   tumour_texture_weights=args.tumour_texture_weights or TUMOUR_TEXTURE_WEIGHTS,
+                                   cisterns_and_sinuses=args.cisterns_and_sinuses)
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

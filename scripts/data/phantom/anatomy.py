@@ -43,6 +43,16 @@ VENTRICULAR_RIM_MM = 6.0
 # Skull stripping (BraTS) keeps the subarachnoid CSF around the brain: a shell of CSF
 # outside the template's brain mask, per subject.
 EXTRA_AXIAL_CSF_MM = (1.5, 4.0)
+# Dural venous sinuses (cisterns_and_sinuses): real skull-stripped BraTS scans keep the superior
+# sagittal sinus (a bright midline dot at the front and back of T1c slices above the ventricles)
+# and the transverse sinuses (curved bands behind the cerebellum). Tubes just outside the brain.
+SINUS_SUBJECT_SHARE = 0.8
+SINUS_RADIUS_MM = (3.5, 6.0)  # how far outside the brain surface the sinus reaches
+SINUS_ENHANCING_SHARE = (0.5, 0.9)  # share of the sinus voxel that is enhancing blood
+SAGITTAL_SINUS_HALF_WIDTH_MM = 5.0  # superior sagittal sinus: within this of the mid-sagittal plane,
+SAGITTAL_SINUS_FROM_HEIGHT = 0.45  # above this relative height (0 = lowest brain slice, 1 = vertex)
+TRANSVERSE_SINUS_HEIGHTS = (0.12, 0.32)  # transverse sinuses: this band of relative height,
+TRANSVERSE_SINUS_POSTERIOR = 0.3  # in the posterior share of the brain's front-to-back extent
 
 
 # Grid geometry
@@ -251,7 +261,69 @@ def add_atrophy(anatomy: dict, rng: np.random.Generator, spacing: float) -> dict
     shell_mm = rng.uniform(*EXTRA_AXIAL_CSF_MM)
     outside = mask < 0.5
     distance = ndi.distance_transform_edt(outside, sampling=spacing)
-    shell = np.where(outside, np.clip((shell_mm - distance) / spacing + 0.5, 0.0, 1.0), 0.0)
-    np.maximum(mask, shell.astype(np.float32), out=mask)
+    shell = np.where(outside, np.clip((shell_mm - distance) / spacing + 0.5, 0.0, 1.0), 0.0).astype(np.float32)
+    np.maximum(mask, shell, out=mask)
+    anatomy["extra_axial"] = shell  # where the dural sinuses run (confounders.py)
     return {"sulcal_widening": float(sulcal), "ventricular_widening": float(ventricular),
             "extra_axial_csf_mm": float(shell_mm)}
+
+
+def fill_enclosed_cisterns(anatomy: dict) -> np.ndarray:
+    """Make the CSF spaces that the template's brain mask leaves out inside the head part of
+    it (in place): CSF, with whatever GM / WM the template blurred into them.
+
+    The ICBM152 mask excludes the suprasellar and interpeduncular cisterns: a hole of 4-7 cm3
+    in the axial slices around the midbrain, which reads 0 (background) on every modality,
+    where a skull-stripped BraTS scan shows the brightest CSF of its T2 (and its T1c the
+    circle of Willis). Holes enclosed within an axial slice are filled; open clefts (between
+    the temporal poles and the pons) stay outside, as they do after real skull stripping.
+    Returns the bool map of the voxels added (also stored as anatomy["cisterns"]).
+    """
+    brain = anatomy["mask"] >= 0.5
+    filled = np.stack([ndi.binary_fill_holes(brain[:, :, k]) for k in range(brain.shape[2])], axis=2)
+    added = filled & ~brain
+    anatomy["mask"][added] = 1.0
+    anatomy["cisterns"] = added
+    return added
+
+
+def _relative_position(brain: np.ndarray, axis: int) -> np.ndarray:
+    """0 at the brain's first index along `axis`, 1 at its last (broadcastable to the grid)."""
+    other = tuple(a for a in range(3) if a != axis)
+    present = np.nonzero(brain.any(axis=other))[0]
+    low, high = (present[0], present[-1]) if present.size else (0, brain.shape[axis] - 1)
+    shape = [1, 1, 1]
+    shape[axis] = brain.shape[axis]
+    return ((np.arange(brain.shape[axis]) - low) / max(high - low, 1)).reshape(shape)
+
+
+def add_dural_sinuses(anatomy: dict, rng: np.random.Generator, spacing: float) -> dict:
+    """Superior sagittal and transverse sinuses just outside the brain (in place): the voxels
+    join the intracranial mask (skull stripping keeps them) and anatomy["sinuses"] holds the
+    enhancing-blood fraction the confounders render bright on T1c. Returns what was drawn.
+
+    Args:
+        anatomy: the subject's maps after `add_atrophy` (its "midline_mm" places the sagittal one),
+            before `fill_enclosed_cisterns`.
+        rng: a stream of this subject's (its draws come after all others of that stream).
+        spacing: voxel size (mm).
+    """
+    drawn = rng.random() < SINUS_SUBJECT_SHARE
+    radius = rng.uniform(*SINUS_RADIUS_MM)
+    enhancing = rng.uniform(*SINUS_ENHANCING_SHARE)
+    mask = anatomy["mask"]
+    brain = mask >= 0.5
+    sinuses = np.zeros(mask.shape, np.float32)
+    if drawn and brain.any():
+        distance = ndi.distance_transform_edt(~brain, sampling=spacing)
+        reach = np.where(brain, 0.0, np.clip((radius - distance) / spacing + 0.5, 0.0, 1.0))
+        height = _relative_position(brain, 2)
+        front_to_back = _relative_position(brain, 1)  # RAS grid: the index grows towards the front
+        sagittal = (np.abs(anatomy["midline_mm"]) < SAGITTAL_SINUS_HALF_WIDTH_MM) & (height > SAGITTAL_SINUS_FROM_HEIGHT)
+        transverse = ((height > TRANSVERSE_SINUS_HEIGHTS[0]) & (height < TRANSVERSE_SINUS_HEIGHTS[1])
+                      & (front_to_back < TRANSVERSE_SINUS_POSTERIOR))
+        tube = (reach * (sagittal | transverse)).astype(np.float32)
+        np.maximum(mask, np.where(tube > 0, 1.0, 0.0).astype(np.float32), out=mask)
+        sinuses = (enhancing * tube).astype(np.float32)
+    anatomy["sinuses"] = sinuses
+    return {"dural_sinuses": bool(drawn), "sinus_radius_mm": float(radius), "sinus_enhancing_share": float(enhancing)}

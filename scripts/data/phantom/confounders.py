@@ -5,7 +5,10 @@ modality's brightness is a rule a classifier can learn:
   bands around the ventricles and punctate deep lesions, bright on T2 and FLAIR;
 - enhancing structures on T1c: choroid plexus in the ventricles, cortical veins and dura
   at the brain surface;
-- CSF flow artefacts on FLAIR: inflowing, not-inverted CSF in the ventricles is not nulled.
+- CSF flow artefacts on FLAIR: inflowing, not-inverted CSF in the ventricles is not nulled;
+- with `cisterns_and_sinuses`: the arteries of the basal cisterns (circle of Willis) and the
+  dural venous sinuses a skull-stripped scan keeps (the superior sagittal sinus along the
+  midline above the ventricles, the transverse sinuses behind the cerebellum), bright on T1c.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ VESSEL_TEXTURE_MM = (1.5, 4.0)
 CSF_FLOW_SUBJECT_SHARE = 0.4
 CSF_FLOW_SHARE_OF_VENTRICLES = (0.05, 0.3)
 CSF_FLOW_STRENGTH = (0.2, 0.6)  # share of the ventricular CSF signal that escapes the inversion
-
+# Basal arteries (cisterns_and_sinuses): bright tubes in the suprasellar cistern on real T1c.
+BASAL_ARTERY_SHARE_OF_CISTERNS = (0.1, 0.3)
 
 def _top_share(values: np.ndarray, eligible: np.ndarray, share: float) -> np.ndarray:
     """Bool mask of the `share` of eligible voxels with the highest values."""
@@ -40,9 +44,35 @@ def _top_share(values: np.ndarray, eligible: np.ndarray, share: float) -> np.nda
     return eligible & (values >= cut)
 
 
-def draw_confounders(rng: np.random.Generator, anatomy: dict, seg: np.ndarray, spacing: float) -> dict:
+def draw_basal_arteries(rng: np.random.Generator, anatomy: dict, fine: np.ndarray) -> np.ndarray:
+    """Enhancing fraction map of the circle of Willis: a share of the filled basal cisterns
+    (anatomy["cisterns"]), where the fine texture is highest (tubes and knots, not a blob).
+
+    Args:
+        rng: the confounders' stream (drawn after everything else it draws).
+        anatomy: the subject's maps after `fill_enclosed_cisterns`.
+        fine: a fine texture field on the grid.
+    """
+    cisterns = anatomy.get("cisterns")
+    share = rng.uniform(*BASAL_ARTERY_SHARE_OF_CISTERNS)
+    if cisterns is None or not cisterns.any():
+        return np.zeros(fine.shape, np.float32)
+    return (0.7 * _top_share(fine, cisterns, share)).astype(np.float32)
+
+
+def draw_confounders(rng: np.random.Generator, anatomy: dict, seg: np.ndarray, spacing: float,
+                     cisterns_and_sinuses: bool = False) -> dict:
     """{"wmh": fraction map, "vessel": fraction map, "csf_flow": FLAIR flow strength map,
-    "details": what was drawn} on the full grid."""
+    "details": what was drawn} on the full grid.
+
+    Args:
+        rng: the subject's confounders stream.
+        anatomy: the subject's maps (after atrophy).
+        seg: the tumour labels (confounders keep TUMOUR_CLEARANCE_MM away from them).
+        spacing: voxel size (mm).
+        cisterns_and_sinuses: also the basal arteries (drawn last, so the other confounders are
+            the same with and without them) and the dural sinuses of anatomy["sinuses"].
+    """
     shape = anatomy["mask"].shape
     brain = anatomy["mask"] >= 0.5
     clearance = ndi.distance_transform_edt(seg == 0, sampling=spacing) > TUMOUR_CLEARANCE_MM
@@ -81,4 +111,10 @@ def draw_confounders(rng: np.random.Generator, anatomy: dict, seg: np.ndarray, s
         chosen = _top_share(patches, ventricles, rng.uniform(*CSF_FLOW_SHARE_OF_VENTRICLES))
         flow = (rng.uniform(*CSF_FLOW_STRENGTH) * ndi.gaussian_filter(chosen.astype(np.float32), 1.0)).astype(np.float32)
     details["csf_flow_cm3"] = float((flow > 0.05).sum() * spacing**3 / 1000.0)
+    if cisterns_and_sinuses:
+        arteries = draw_basal_arteries(rng, anatomy, fine) * clearance
+        sinuses = anatomy.get("sinuses", np.zeros(shape, np.float32)) * clearance  # anatomy.add_dural_sinuses
+        vessel = np.maximum(vessel, np.maximum(arteries, sinuses)).astype(np.float32)
+        details.update(basal_arteries_cm3=float(arteries.sum() * spacing**3 / 1000.0),
+                       dural_sinuses_cm3=float(sinuses.sum() * spacing**3 / 1000.0))
     return {"wmh": wmh, "vessel": vessel, "csf_flow": flow, "details": details}

@@ -11,7 +11,8 @@ from typing import Callable
 import numpy as np
 
 from scripts.common import atomic_path
-from scripts.data.phantom.anatomy import add_atrophy, csf_fraction, draw_anatomy_warp, grid_affine, warp_anatomy
+from scripts.data.phantom.anatomy import (add_atrophy, add_dural_sinuses, csf_fraction, draw_anatomy_warp, fill_enclosed_cisterns,
+                                          grid_affine, warp_anatomy)
 from scripts.data.phantom.confounders import draw_confounders
 from scripts.data.phantom.physics import (FIELD_STRENGTHS, GADOLINIUM_R1_PER_MM_MS, draw_protocols,
                                          draw_tissue_properties, signal_table)
@@ -46,8 +47,13 @@ def _check_spacing(spacing: float) -> float:
 def generate_subject(index: int, seed: int, spacing: float = 1.0, grade: str = "HGG",
                      return_details: bool = False, misregistration_mm: float = 0.0,
                      misregistration_deg: float = 0.0, tumour_texture_mm=TUMOUR_TEXTURE_MM,
-                     tumour_texture_weights=TUMOUR_TEXTURE_WEIGHTS) -> dict:
+                     tumour_texture_weights=TUMOUR_TEXTURE_WEIGHTS, cisterns_and_sinuses: bool = False) -> dict:
     """One phantom subject in memory (no I/O).
+
+    `cisterns_and_sinuses`: the basal cisterns the template's brain mask leaves out become CSF
+    (`anatomy.fill_enclosed_cisterns`), with the circle of Willis in them, and the dural sinuses
+    enhance on T1c (`confounders.draw_vessels_and_sinuses`); False gives the phantom without them
+    (every other draw is the same either way).
 
     `tumour_texture_mm` / `tumour_texture_weights`: the scales (mm) of the tumour compartments'
     texture and their weights (`scripts.data.phantom.render`; docs/recipe.md, "Real scans").
@@ -73,11 +79,14 @@ def generate_subject(index: int, seed: int, spacing: float = 1.0, grade: str = "
     # After the tumour: its mass effect resamples the template inside its box, which would
     # otherwise undo the atrophy there (a visible box of other contrast).
     atrophy = add_atrophy(anatomy, rngs["atrophy"], spacing)
+    if cisterns_and_sinuses:  # the holes last: the sinuses can close a cleft into one (the torcula's)
+        atrophy.update(add_dural_sinuses(anatomy, rngs["atrophy"], spacing))
+        fill_enclosed_cisterns(anatomy)
     contrast = rngs["contrast"]
     field = FIELD_STRENGTHS[1] if contrast.random() < FIELD_3T_SHARE else FIELD_STRENGTHS[0]
     properties = draw_tissue_properties(contrast, field)
     protocols = draw_protocols(contrast, field)
-    confounders = draw_confounders(rngs["confounders"], anatomy, seg, spacing)
+    confounders = draw_confounders(rngs["confounders"], anatomy, seg, spacing, cisterns_and_sinuses)
     clean = render_clean(anatomy, confounders, box, tumour_fractions, properties, protocols,
                          GADOLINIUM_R1_PER_MM_MS[field], rngs["texture"], spacing,
                          tumour_texture_mm=tumour_texture_mm, tumour_texture_weights=tumour_texture_weights)
@@ -106,6 +115,7 @@ def generate_subject(index: int, seed: int, spacing: float = 1.0, grade: str = "
             "confounders": confounders["details"],
             "misregistration": misregistered,
             "tumour_texture": {"mm": list(tumour_texture_mm), "weights": list(tumour_texture_weights)},
+            "cisterns_and_sinuses": bool(cisterns_and_sinuses),
         }
     return out
 
@@ -161,12 +171,14 @@ def existing_subjects(out_dir: Path, indices) -> dict[int, list[Path]]:
 def generate_dataset(out_dir, subjects: int, seed: int, spacing: float = 1.0, hgg_fraction: float = 0.5,
                      *, overwrite: bool = False, log: Callable[[str], None] | None = None,
                      misregistration_mm: float = 0.0, misregistration_deg: float = 0.0,
-                     tumour_texture_mm=TUMOUR_TEXTURE_MM, tumour_texture_weights=TUMOUR_TEXTURE_WEIGHTS) -> list[dict]:
+                     tumour_texture_mm=TUMOUR_TEXTURE_MM, tumour_texture_weights=TUMOUR_TEXTURE_WEIGHTS,
+                     cisterns_and_sinuses: bool = False) -> list[dict]:
     """Write `subjects` phantoms in the BraTS 2019 layout under `out_dir`.
 
     `misregistration_mm` / `misregistration_deg`: per-modality rigid misregistration (see
     `generate_subject`; 0 = the modalities agree exactly). `tumour_texture_mm` /
-    `tumour_texture_weights`: the tumour texture's scales and weights (see `generate_subject`).
+    `tumour_texture_weights`: the tumour texture's scales and weights; `cisterns_and_sinuses`:
+    basal cisterns, arteries and dural sinuses (see `generate_subject`).
 
     Returns records {"subject", "grade", "dir"}. Refuses (FileExistsError, nothing
     written) if a folder of any of these subject indices (either grade) already holds
@@ -192,7 +204,8 @@ def generate_dataset(out_dir, subjects: int, seed: int, spacing: float = 1.0, hg
         start = time.perf_counter()
         arrays = generate_subject(i, seed, spacing, record["grade"], return_details=True,
                                   misregistration_mm=misregistration_mm, misregistration_deg=misregistration_deg,
-                                  tumour_texture_mm=tumour_texture_mm, tumour_texture_weights=tumour_texture_weights)
+                                  tumour_texture_mm=tumour_texture_mm, tumour_texture_weights=tumour_texture_weights,
+                                  cisterns_and_sinuses=cisterns_and_sinuses)
         for stale in existing.get(i, []):
             if stale != Path(record["dir"]):  # same index under the other grade: replaced
                 shutil.rmtree(stale)
