@@ -46,6 +46,21 @@ def _cpuinfo_flags() -> set[str]:
     return set()
 
 
+def cpu_kind() -> str:
+    """The CPU's vector kind as the records name it (the speed of a run depends on it, its result
+    must not): "AMX" (bf16 tiles), "AVX512 + BF16", or torch's own capability ("AVX512", "AVX2",
+    "DEFAULT", ...)."""
+    flags = _cpuinfo_flags()
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512 + BF16"
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "unknown"
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16).
 

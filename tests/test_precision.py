@@ -204,3 +204,16 @@ def test_legacy_amp_flag_means_auto(monkeypatch):
     _cpu_flags(monkeypatch, True, False)
     assert CMERTrainer("cpu", 1, [], network, ModalityOptimizers(network), build_objective(), amp=True).precision == "bf16"
     assert CMERTrainer("cpu", 1, [], network, ModalityOptimizers(network), build_objective()).precision == "fp32"
+
+
+@pytest.mark.parametrize("flags, kind", [({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AMX"),
+                                         ({"avx2", "avx512f", "avx512_bf16"}, "AVX512 + BF16")])
+def test_cpu_kind_names_the_bf16_kinds_from_the_flags(monkeypatch, flags, kind):
+    """Records name the CPU kind (Zen 3 / Zen 4 / Xeon share a model name, "AMD EPYC")."""
+    monkeypatch.setattr(P, "_cpuinfo_flags", lambda: flags)
+    assert P.cpu_kind() == kind
+
+
+def test_cpu_kind_falls_back_to_torchs_capability(monkeypatch):
+    monkeypatch.setattr(P, "_cpuinfo_flags", lambda: {"avx2"})
+    assert P.cpu_kind() == str(torch.backends.cpu.get_cpu_capability())

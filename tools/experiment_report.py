@@ -127,7 +127,9 @@ def machine_info(device: str, precision: str | None = None) -> dict:
     import monai
     import torch
 
-    info = {"cpu": cpu_model(), "processor": platform.processor(), "cores": os.cpu_count(),
+    from scripts.precision import cpu_kind
+
+    info = {"cpu": cpu_model(), "cpu_kind": cpu_kind(), "processor": platform.processor(), "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
             "monai": monai.__version__, "device": str(device), "precision": precision or "unknown"}
     if str(device).startswith("cuda") and torch.cuda.is_available():

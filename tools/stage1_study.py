@@ -145,7 +145,10 @@ def machine() -> dict:
         commit, dirty = "", False
     # the training device is train.yaml's: the first CUDA GPU when there is one
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__, "monai": monai.__version__,
+    from scripts.precision import cpu_kind
+
+    return {"cpu": cpu, "cpu_kind": cpu_kind(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "monai": monai.__version__,
             "commit": commit + ("+uncommitted" if dirty else ""), "python": platform.python_version()}
 
 

@@ -173,3 +173,21 @@ def test_epoch_variants_parse_as_yaml_overrides():
     assert parse_variant("") == {}
     with pytest.raises(SystemExit):
         parse_variant("base_channels")
+
+
+def test_layers_part_times_every_convolution_of_one_network_in_both_formats():
+    """`--parts layers`: one row per Conv2d of a UNetCAM (the shapes the bare step feeds it), then
+    the totals; the first layer, whose input needs no gradient, is timed like the others."""
+    from tools.benchmark.layers import conv_shapes, layer_rows
+
+    torch.set_num_threads(1)
+    s = Settings(device=torch.device("cpu"), amp=False, quick=True, base_channels=4, sizes=(16,), batch_size=2,
+                 repeats=1, warmup=0)
+    shapes = conv_shapes(s)
+    convs = [m for m in build_network(1, s).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(shapes) == len(convs) > 10
+    assert shapes[0][2] == (4, 1, 16, 16)  # 2B slices of one channel at the largest size
+    rows = layer_rows(s)
+    assert len(rows) == len(convs) + 2
+    assert all(r.area == "layers" and "NHWC fwd" in r.measured and "NCHW fwd" in r.compared for r in rows[:-2])
+    assert rows[-1].ratio.endswith("x NHWC's time") and float(rows[-1].ratio.split("x")[0]) <= 1.0

@@ -84,6 +84,11 @@ def run_benchmark(s: Settings, progress: Callable[[str], None], epoch_args=None)
         if "gpu" in s.parts:
             progress("gpu path")
             parts["gpu"] = guarded("gpu path", lambda: gpu_path_rows(s))
+    if "layers" in s.parts:
+        from tools.benchmark.layers import layer_rows
+
+        progress("layers (each convolution of one network, NHWC vs NCHW)")
+        parts["layers"] = guarded("layers", lambda: layer_rows(s, progress))
     if "epoch" in s.parts:
         from tools.benchmark.epoch import epoch_rows
 
@@ -124,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall (default) or process: CPU seconds of this process (1 thread, shared CPU)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}, "
-                        f"or the opt-in {','.join(EXTRA_PARTS)} (one real epoch of configs/train.yaml, timed by phase)")
+                        f"or the opt-in {','.join(EXTRA_PARTS)} (epoch: one real epoch of configs/train.yaml, timed by phase; layers: each convolution, NHWC vs NCHW)")
     parser.add_argument("--epoch-variants", nargs="+", default=[""], metavar="KEY=VALUE;...",
                         help="epoch part: configs/train.yaml overrides per variant, side by side "
                         "(e.g. '' 'base_channels=8'); '' = as configured")

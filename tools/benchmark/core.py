@@ -28,8 +28,9 @@ CYCLED_KINDS = ("translation", "scale", "rotation", "flip")
 TRAIN_CONFIG_DEFAULTS = {"batch_size": 16, "num_workers": 0}
 GB = 1024**3
 PARTS = ("training", "precision", "data", "inference", "maps", "memory", "gpu")
-# Opt-in parts (`--parts epoch`): not in the default run, each trains the bundle itself.
-EXTRA_PARTS = ("epoch",)
+# Opt-in parts, not in the default run: `epoch` trains the bundle itself for an epoch; `layers`
+# times each convolution of one network in both memory formats (tools/benchmark/layers.py).
+EXTRA_PARTS = ("epoch", "layers")
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 # Targets of the issue.
@@ -175,7 +176,7 @@ def machine_lines(s: Settings) -> list[str]:
     allocator = ", glibc heap for large tensors (trainer's keep_cpu_tensors_on_heap)" if s.device.type == "cpu" else ""
     return [
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- CPU: {cpu_model()}, {cores} cores usable, torch threads {torch.get_num_threads()}",
+        f"- CPU: {cpu_model()} ({P.cpu_kind()}), {cores} cores usable, torch threads {torch.get_num_threads()}",
         f"- GPU: {gpu}",
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}, "
         f"ignite {ignite.__version__}",
