@@ -261,9 +261,8 @@ def add_atrophy(anatomy: dict, rng: np.random.Generator, spacing: float) -> dict
     shell_mm = rng.uniform(*EXTRA_AXIAL_CSF_MM)
     outside = mask < 0.5
     distance = ndi.distance_transform_edt(outside, sampling=spacing)
-    shell = np.where(outside, np.clip((shell_mm - distance) / spacing + 0.5, 0.0, 1.0), 0.0).astype(np.float32)
-    np.maximum(mask, shell, out=mask)
-    anatomy["extra_axial"] = shell  # where the dural sinuses run (confounders.py)
+    shell = np.where(outside, np.clip((shell_mm - distance) / spacing + 0.5, 0.0, 1.0), 0.0)
+    np.maximum(mask, shell.astype(np.float32), out=mask)
     return {"sulcal_widening": float(sulcal), "ventricular_widening": float(ventricular),
             "extra_axial_csf_mm": float(shell_mm)}
 

@@ -36,6 +36,7 @@ CSF_FLOW_STRENGTH = (0.2, 0.6)  # share of the ventricular CSF signal that escap
 # Basal arteries (cisterns_and_sinuses): bright tubes in the suprasellar cistern on real T1c.
 BASAL_ARTERY_SHARE_OF_CISTERNS = (0.1, 0.3)
 
+
 def _top_share(values: np.ndarray, eligible: np.ndarray, share: float) -> np.ndarray:
     """Bool mask of the `share` of eligible voxels with the highest values."""
     if not eligible.any():

@@ -51,8 +51,8 @@ def generate_subject(index: int, seed: int, spacing: float = 1.0, grade: str = "
     """One phantom subject in memory (no I/O).
 
     `cisterns_and_sinuses`: the basal cisterns the template's brain mask leaves out become CSF
-    (`anatomy.fill_enclosed_cisterns`), with the circle of Willis in them, and the dural sinuses
-    enhance on T1c (`confounders.draw_vessels_and_sinuses`); False gives the phantom without them
+    (`anatomy.fill_enclosed_cisterns`), with the circle of Willis in them (`confounders.draw_basal_arteries`),
+    and the dural sinuses enhance on T1c (`anatomy.add_dural_sinuses`); False gives the phantom without them
     (every other draw is the same either way).
 
     `tumour_texture_mm` / `tumour_texture_weights`: the scales (mm) of the tumour compartments'
