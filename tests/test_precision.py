@@ -167,13 +167,16 @@ def test_auto_follows_the_parity_switch_on_every_cpu(monkeypatch, avx512_bf16, a
 
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bf16"), (False, True, "bf16"),
                                                         (False, False, "fp32")])
-def test_auto_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, avx512_bf16, amx, expected):
+def test_auto_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, caplog, avx512_bf16, amx, expected):
     monkeypatch.setattr(P, "CPU_BF16_MASKS_MATCH", True)  # as committed; explicit, so the test reads alone
     _cpu_flags(monkeypatch, avx512_bf16, amx)
     assert P.resolve_precision("auto", "cpu") == expected
     network = MultiModalCAM(["t1"], base_channels=4)
-    trainer = CMERTrainer("cpu", 1, [], network, ModalityOptimizers(network), build_objective(), precision="auto")
+    with caplog.at_level("INFO", logger="scripts.method.trainer"):
+        trainer = CMERTrainer("cpu", 1, [], network, ModalityOptimizers(network), build_objective(), precision="auto")
     assert trainer.precision == expected and not trainer.amp  # never a GradScaler on a CPU
+    # the log says what `auto` became on this machine (the model file does not)
+    assert f"training precision: {expected} (asked: auto; CPU kind" in caplog.text
 
 
 def test_detection_falls_back_to_cpuinfo_flags(monkeypatch):

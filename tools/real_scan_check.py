@@ -1,7 +1,7 @@
 """Does a model find the tumour on real scans? Per case and modality, with the gate and the map apart.
 
     python -m tools.real_scan_check --ckpt_path models/model.pt --data DIR [--out runs/real_check]
-        [--gate_threshold 0.5 --threshold T --fusion mean] [--device cpu]
+        [--gate_threshold 0.5 --gate_source own|mean --threshold T --fusion mean] [--device cpu]
 
 Without --threshold the masks are binarised as inference does: at the operating point recorded
 beside the checkpoint for the fusion (an evaluation of the phantom's validation split writes it,
@@ -128,10 +128,14 @@ def _dsc(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def score_case(gated, ungated, image: torch.Tensor, truth: torch.Tensor | None, threshold: float,
-               gate_threshold: float) -> dict:
+               gate_threshold: float, gate_source: str = "own") -> dict:
     """{map name: {column: value}} for one case (module docstring); columns needing a reference
-    are None without one."""
+    are None without one. A network's gate opens on its own probability, or with `gate_source`
+    "mean" on the networks' mean (then every network's recall / healthy_fire is that shared gate's)."""
+    from scripts.model.cams import gate_probabilities
     from scripts.workflows.metrics import DEFAULT_SWEEP, dice_curve
+
+    opens = gate_probabilities(gated.probabilities, gate_source).numpy()
 
     brain = gated.brain.numpy()
     truth_np = truth.numpy().astype(bool) if truth is not None else None
@@ -145,7 +149,7 @@ def score_case(gated, ungated, image: torch.Tensor, truth: torch.Tensor | None, 
         if name == FUSED:
             fired = (volume > threshold).reshape(-1, volume.shape[-1]).any(0)  # the mask is non-empty on the slice
         else:
-            fired = gated.probabilities[index].numpy() > gate_threshold
+            fired = opens[index] > gate_threshold
         row = dict.fromkeys(COLUMNS)
         row["healthy_fire"] = float(fired[healthy_slices].mean()) if healthy_slices.any() else None
         if name != FUSED:
@@ -251,7 +255,8 @@ def _fmt(value) -> str:
 
 def markdown(results: dict, settings: dict) -> str:
     """One table: a row per case and map."""
-    lines = [f"Read-out: gate > {settings['gate_threshold']:g}, fusion {settings['fusion']}, mask > "
+    lines = [f"Read-out: gate ({settings.get('gate_source', 'own')}) > {settings['gate_threshold']:g}, "
+             f"fusion {settings['fusion']}, mask > "
              f"{settings['threshold']:g}; model {settings['ckpt_path']}", "",
              "| case | map | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
     for case, rows in results.items():
@@ -262,7 +267,8 @@ def markdown(results: dict, settings: dict) -> str:
 
 def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float = 0.5, threshold: float | None = None,
               fusion: str = "mean", device: str = "cpu", subjects=None, smooth_mm: float = 0.0,
-              speckle: float = 0.0, normalization: str | None = None, zoom: float = 1.0) -> dict:
+              speckle: float = 0.0, normalization: str | None = None, zoom: float = 1.0,
+              gate_source: str = "own") -> dict:
     """Score every case under `data` (module docstring); write the table, JSON and overlays to `out`.
 
     Args:
@@ -282,6 +288,8 @@ def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float 
         normalization: the intensity normalisation of the scans (None: the model's recorded
             one; "robust" clips each modality to its brain's 0.5-99.5th percentiles first).
         zoom: diagnostic scaling of the heads before preprocessing (`prepare_case`).
+        gate_source: "own" (each network's gate follows its own slice probability) or "mean" (the
+            networks' mean probability opens every gate), as the configs' `gate_source`.
 
     Returns:
         {case: {map: {column: value}}}.
@@ -295,15 +303,16 @@ def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float 
     torch_device = torch.device(device)
     network, model = load_model(ckpt_path, torch_device)
     if threshold is None:
-        threshold = recorded_threshold(ckpt_path, fusion)
+        threshold = recorded_threshold(ckpt_path, fusion, gate_source=gate_source)
     if normalization is not None:
         model = {**model, "normalization": normalization}
     records = [r for r in discover_subjects(data, allow_missing=True) if not subjects or r["subject"] in subjects]
-    gated_engine = MapEngine(gate_threshold=gate_threshold, fusion=fusion, threshold=threshold,
+    gated_engine = MapEngine(gate_threshold=gate_threshold, fusion=fusion, threshold=threshold, gate_source=gate_source,
                              slice_normalization=model["slice_normalization"])
     ungated_engine = MapEngine(gate=False, fusion=fusion, threshold=threshold,
                                slice_normalization=model["slice_normalization"])
-    settings = {"ckpt_path": str(ckpt_path), "gate_threshold": gate_threshold, "threshold": threshold,
+    settings = {"ckpt_path": str(ckpt_path), "gate_threshold": gate_threshold, "gate_source": gate_source,
+                "threshold": threshold,
                 "fusion": fusion, "smooth_mm": smooth_mm, "speckle": speckle, "zoom": zoom, "model": model}
     results = {}
     out_dir = Path(out) if out else None
@@ -317,7 +326,8 @@ def run_check(ckpt_path: str, data: str, out: str | None, gate_threshold: float 
             prepared["image"] = prepared["image"] + float(speckle) * noise * prepared["truth"]
         gated = gated_engine(network, prepared["image"].to(torch_device), channels=prepared["modalities"])
         ungated = ungated_engine(network, prepared["image"].to(torch_device), channels=prepared["modalities"])
-        results[case] = score_case(gated, ungated, prepared["image"], prepared["truth"], threshold, gate_threshold)
+        results[case] = score_case(gated, ungated, prepared["image"], prepared["truth"], threshold, gate_threshold,
+                                   gate_source)
         if out_dir:
             overlay(case, prepared, gated, threshold, out_dir / f"overlay_{case}.png")
             false_firing(case, prepared, gated, ungated, out_dir / f"false_firing_{case}.png", gate_threshold)
@@ -338,6 +348,8 @@ def main(argv=None) -> int:
                         help="binarisation threshold (default: as inference, the model's recorded operating point, "
                              "else 0.5)")
     parser.add_argument("--fusion", choices=("mean", "max"), default="mean")
+    parser.add_argument("--gate_source", choices=("own", "mean"), default="own",
+                        help="whose slice probability opens a network's gate: its own, or the networks' mean")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--subjects", nargs="*", default=None)
     parser.add_argument("--smooth_mm", type=float, default=0.0, help="diagnostic: blur the scans first (sigma, mm)")
@@ -351,10 +363,11 @@ def main(argv=None) -> int:
                         help="the scans' intensity normalisation (default: the model's recorded one)")
     args = parser.parse_args(argv)
     results = run_check(args.ckpt_path, args.data, args.out, args.gate_threshold, args.threshold, args.fusion,
-                        args.device, args.subjects, args.smooth_mm, args.speckle, args.normalization, args.zoom)
+                        args.device, args.subjects, args.smooth_mm, args.speckle, args.normalization, args.zoom,
+                        args.gate_source)
     print(Path(args.out, "real_check.md").read_text() if args.out else markdown(results, {
         "ckpt_path": args.ckpt_path, "gate_threshold": args.gate_threshold, "threshold": args.threshold,
-        "fusion": args.fusion}))
+        "fusion": args.fusion, "gate_source": args.gate_source}))
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import sys
 
 import torch
@@ -27,7 +28,7 @@ from monai.utils import CommonKeys as Keys
 
 from scripts.method.losses import CMERObjective, FullSupervisionObjective
 from scripts.model.cams import logits_from_maps
-from scripts.precision import autocast, resolve_precision, to_memory_format, uses_grad_scaler
+from scripts.precision import autocast, cpu_kind, resolve_precision, to_memory_format, uses_grad_scaler
 
 
 class TransformSampler:
@@ -209,7 +210,11 @@ class CMERTrainer(Trainer):
                  precision: str | None = None, channels_last: bool = False, low_memory: bool = False,
                  compile: bool = False, decollate: bool = True, grad_share_interval: int = 0):
         device = torch.device(device)
-        self.precision = resolve_precision(precision if precision is not None else ("auto" if amp else "fp32"), device)
+        requested = precision if precision is not None else ("auto" if amp else "fp32")
+        self.precision = resolve_precision(requested, device)
+        # `auto` resolves per machine: say what it chose, so a log tells which precision trained the model.
+        where = f"CPU kind {cpu_kind()}" if device.type == "cpu" else str(device)
+        logging.getLogger(__name__).info("training precision: %s (asked: %s; %s)", self.precision, requested, where)
         # MONAI's Trainer makes a GradScaler when amp is on: only CUDA float16 needs one.
         super().__init__(
             device=device, max_epochs=max_epochs, data_loader=train_data_loader, epoch_length=epoch_length,

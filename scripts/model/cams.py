@@ -37,6 +37,10 @@ TTA_CHOICES = (None, "flips", "flips_rot90")
 FUSIONS = ("max", "mean")
 # configs/train.yaml `fusion` (max = the paper's); the Python defaults of every read-out follow it
 DEFAULT_FUSION = "mean"
+# Whose slice probability opens a network's gate: its own (each network decides alone), or the mean
+# of every network's that runs on the slice (the modalities vote; docs/recipe.md, "Real scans").
+GATE_SOURCES = ("own", "mean")
+DEFAULT_GATE_SOURCE = "own"
 EPS = 1e-8  # the authors' normaliser constant
 
 # ---------------------------------------------------------------------------------------
@@ -125,6 +129,21 @@ def pooling_of(net: nn.Module) -> tuple[str, float]:
     a bare network without one uses the paper's GAP)."""
     net = _unwrap(net)
     return getattr(net, "cam_pooling", "gap"), float(getattr(net, "cam_topk_fraction", 1.0))
+
+
+def gate_probabilities(probs: torch.Tensor, source: str = DEFAULT_GATE_SOURCE) -> torch.Tensor:
+    """The probabilities (K, B) that open each of K networks' gates on B slices.
+
+    Args:
+        probs: (K, B) each network's tumour probability per slice.
+        source: "own" (each network's gate follows its own probability) or "mean" (every gate
+            follows the mean over the K networks: one shared decision per slice).
+    """
+    if source == "own":
+        return probs
+    if source == "mean":
+        return probs.mean(dim=0, keepdim=True).expand_as(probs)
+    raise ValueError(f"gate_source must be one of {GATE_SOURCES}, got {source!r}")
 
 
 def gate_maps(maps: torch.Tensor, probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

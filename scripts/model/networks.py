@@ -22,7 +22,8 @@ from monai.networks.nets.resnet import ResNet
 
 from scripts.common import TUMOUR_CHANNEL
 # The one normaliser / slice probability / gate (re-exported here for the network's users).
-from scripts.model.cams import gate_maps, max_normalise, parse_pooling, tumour_probability
+from scripts.model.cams import (DEFAULT_GATE_SOURCE, GATE_SOURCES, gate_maps, gate_probabilities, max_normalise,  # noqa: F401
+                                parse_pooling, tumour_probability)
 from scripts.runtime import BundleError
 
 BACKBONES = ("unet", "deeplab")
@@ -210,7 +211,8 @@ class MultiModalCAM(torch.nn.Module):
 
     `forward(x (B, K, H, W)) -> (B, K, H, W)`: channel k is modality k's max-normalised
     tumour map, zeroed on slices that network classifies as healthy (softmax tumour
-    probability not above `gate_threshold`) when `gate` is on.
+    probability not above `gate_threshold`) when `gate` is on; with `gate_source: mean` the
+    slice's mean probability over the K networks opens every gate instead.
 
     The model carries its configuration: `settings` (a `ModelSettings`)
     holds the network's shape and the geometry of the data it was trained on, and travels in
@@ -226,6 +228,7 @@ class MultiModalCAM(torch.nn.Module):
         base_channels: width of the first stage (the paper: 64).
         gate: zero the maps of slices a network classifies as healthy.
         gate_threshold: tumour probability a slice must exceed to keep its map.
+        gate_source: whose probability opens a network's gate: "own" or "mean" (of the K networks').
         spacing: voxel spacing (mm) the training volumes were resampled to (recorded only).
         spatial_size: in-plane (H, W) the training slices were padded / cropped to (recorded only).
         normalization: intensity normalisation of the training volumes, "volume" or "none".
@@ -245,6 +248,7 @@ class MultiModalCAM(torch.nn.Module):
         base_channels: int = 64,
         gate: bool = True,
         gate_threshold: float = 0.5,
+        gate_source: str = DEFAULT_GATE_SOURCE,
         spacing: float | Sequence[float] | None = None,
         spatial_size: Sequence[int] | None = None,
         normalization: str | None = None,
@@ -263,6 +267,9 @@ class MultiModalCAM(torch.nn.Module):
         self.gate = gate
         self.tumour_channel = TUMOUR_CHANNEL  # an attribute: TorchScript cannot read globals
         self.gate_threshold = float(gate_threshold)
+        if gate_source not in GATE_SOURCES:
+            raise ValueError(f"gate_source must be one of {GATE_SOURCES}, got {gate_source!r}")
+        self.gate_source = gate_source
         self.settings = ModelSettings(modalities=self.modalities, backbone=backbone, base_channels=base_channels,
                                       spacing=spacing, spatial_size=spatial_size, normalization=normalization,
                                       slice_normalization=slice_normalization, pooling=pooling)
@@ -285,22 +292,35 @@ class MultiModalCAM(torch.nn.Module):
         for net in self.nets:
             net.cam_pooling, net.cam_topk_fraction = self.pool_kind, self.pool_fraction
 
-    def _tumour_map(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, 2, H, W) raw maps -> (B, H, W) normalised, optionally gated tumour map."""
+    def _tumour_map(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 2, H, W) raw maps -> (B, H, W) normalised tumour map and (B,) tumour probability."""
         maps = maps.float()  # the normaliser and softmax in float32, also under autocast
         cam = max_normalise(maps)[:, self.tumour_channel]
-        if self.gate:
-            probability = tumour_probability(maps, self.tumour_channel, self.pool_kind, self.pool_fraction)
-            cam = gate_maps(cam, probability, self.gate_threshold)
-        return cam
+        probability = tumour_probability(maps, self.tumour_channel, self.pool_kind, self.pool_fraction)
+        return cam, probability
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def gated_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, H, W) slices -> (B, K, H, W) tumour maps, gated as configured (class docstring)."""
         if x.shape[1] != len(self.nets):
             raise ValueError(f"expected {len(self.nets)} modality channels, got {x.shape[1]}")
         cams: list[torch.Tensor] = []
-        for index, net in enumerate(self.nets):
-            cams.append(self._tumour_map(net(x[:, index : index + 1])))
-        return torch.stack(cams, dim=1)
+        probabilities: list[torch.Tensor] = []
+        for index, net in enumerate(self.nets):  # TorchScript: a loop over the ModuleList, no helper call
+            cam, probability = self._tumour_map(net(x[:, index : index + 1]))
+            cams.append(cam)
+            probabilities.append(probability)
+        maps = torch.stack(cams, dim=1)
+        if not self.gate:
+            return maps
+        # scripts.model.cams.gate_probabilities and gate_maps, written out for TorchScript (B, K) at once
+        probs = torch.stack(probabilities, dim=1)
+        if self.gate_source == "mean":
+            probs = probs.mean(dim=1, keepdim=True).expand_as(probs)
+        keep = (probs > self.gate_threshold).to(maps.dtype)
+        return maps * keep[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gated_maps(x)
 
 
 def _allow_missing_extra_state(state_dict, prefix, *args) -> None:

@@ -6,7 +6,8 @@ MonaiBundleInferenceOperator, MONAI Label's bundle app, `monai.bundle.load`) nee
 but MONAI transforms around it:
 
     (B, K, H, W) slices -> per modality: tumour CAM, max-normalised, gated by that network's
-    slice classification (MultiModalCAM) -> pixel-wise max (or mean) over the modalities
+    slice classification, or by the networks' mean one (`gate_source`; MultiModalCAM)
+    -> pixel-wise max (or mean) over the modalities
     -> zero on slices without any non-zero voxel (no brain) -> (B, 1, H, W) in [0, 1]
 
 Thresholding (AsDiscreted) and the inverse of the preprocessing (Invertd) follow in the
@@ -34,7 +35,7 @@ class WholeTumourCAM(MultiModalCAM):
         modalities: modality names, one network each, in channel order.
         fusion: "max" (the paper) or "mean" over the modalities' gated maps.
         kwargs: the rest of MultiModalCAM's arguments (backbone, base_channels, gate,
-            gate_threshold and the recorded data settings).
+            gate_threshold, gate_source and the recorded data settings).
     """
 
     def __init__(self, modalities, fusion: str = DEFAULT_FUSION, **kwargs) -> None:
@@ -44,12 +45,7 @@ class WholeTumourCAM(MultiModalCAM):
         self.fusion = fusion
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != len(self.nets):
-            raise ValueError(f"expected {len(self.nets)} modality channels, got {x.shape[1]}")
-        cams: list[torch.Tensor] = []
-        for index, net in enumerate(self.nets):  # TorchScript cannot call MultiModalCAM.forward
-            cams.append(self._tumour_map(net(x[:, index : index + 1])))
-        maps = torch.stack(cams, dim=1)
+        maps = self.gated_maps(x)
         if self.fusion == "max":
             fused = maps.amax(dim=1, keepdim=True)
         else:

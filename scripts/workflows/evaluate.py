@@ -121,14 +121,17 @@ class EvaluationReport:
         record_operating_point: write the operating point chosen on this split beside the checkpoint
             (configs/evaluate.yaml: when the split is the validation split).
         choose_fusion: the operating point also chooses the fusion (mean | max), not only the threshold.
+        gate_source: the evaluator's gate source ("own" | "mean"), recorded with the operating point (a
+            threshold chosen under one gate does not carry over to the other).
     """
 
     def __init__(self, output_dir, threshold: float = 0.5, sweep_thresholds: Sequence[float] | None = DEFAULT_SWEEP,
                  overlay_subjects: Sequence[str] | None = None, overlay_count: int = 2, settings: dict | None = None,
                  title: str = "Evaluation", fusion: str | None = None, fusions: Sequence[str] = (),
                  ckpt_path=None, split: str = "testing", record_operating_point: bool = False,
-                 choose_fusion: bool = False):
+                 choose_fusion: bool = False, gate_source: str = "own"):
         self.output_dir = Path(output_dir)
+        self.gate_source = str(gate_source)
         self.fusion = fusion
         self.fusions = [f for f in (fusions or ()) if fusion is not None and f != fusion]
         self.ckpt_path = ckpt_path
@@ -232,7 +235,8 @@ class EvaluationReport:
         point and this split's DSC at it; with `record_operating_point`, this split's choice is recorded
         beside the checkpoint (scripts.workflows.operating_point)."""
         fusion = self.fusion or "mean"
-        chosen = op.choose_operating_point(self.result.sweep, fusion, self.choose_fusion, self.split)
+        chosen = {**op.choose_operating_point(self.result.sweep, fusion, self.choose_fusion, self.split),
+                  "gate_source": self.gate_source}
         recorded = op.read_operating_point(self.ckpt_path)
         if self.record_operating_point:
             if self.ckpt_path is None:

@@ -50,7 +50,7 @@ from scripts.runtime import BundleError, MissingCheckpoint
 from scripts.data.sanity import mask_warning, volume_warnings
 from scripts.workflows.map_engine import MapEngine
 from scripts.precision import resolve_precision, to_memory_format
-from scripts.model.cams import DEFAULT_FUSION
+from scripts.model.cams import DEFAULT_FUSION, DEFAULT_GATE_SOURCE
 
 FUSED = "fused"
 TRAIN_HINT = "python -m monai.bundle run training --config_file configs/train.yaml"
@@ -246,20 +246,21 @@ class CAMMapEvaluator(Evaluator):
         channels_last: store the networks' weights NHWC.
         slice_normalization: per-slice normalisation the networks were trained with; None =
             the network's recorded setting ("none" when it records none).
+        gate_source: whose slice probability opens a network's gate: "own" or "mean" (MapEngine).
     """
 
     def __init__(self, device, val_data_loader, network, inferer: Inferer | None = None, method: str = "cam",
                  gate: bool = True, gate_threshold: float = 0.5, tta: str | None = None, fusion: str = DEFAULT_FUSION,
                  threshold: float = 0.5, slice_batch_size: int = 32, postprocessing=None, val_handlers=None,
                  epoch_length: int | None = None, precision: str | None = None, channels_last: bool = False,
-                 slice_normalization: str | None = None):
+                 slice_normalization: str | None = None, gate_source: str = DEFAULT_GATE_SOURCE):
         settings = getattr(network, "settings", None)
         if slice_normalization is None and settings is not None:
             slice_normalization = settings.slice_normalization
         self.engine = MapEngine(method=method, gate=gate, gate_threshold=gate_threshold, fusion=fusion,
                                 threshold=threshold, tta=tta, slice_batch_size=slice_batch_size,
                                 precision=resolve_precision(precision, device),
-                                slice_normalization=slice_normalization, inferer=inferer)
+                                slice_normalization=slice_normalization, inferer=inferer, gate_source=gate_source)
         super().__init__(device=device, val_data_loader=val_data_loader, epoch_length=epoch_length,
                          postprocessing=postprocessing, val_handlers=val_handlers, decollate=False)
         self.network = to_memory_format(network, channels_last)

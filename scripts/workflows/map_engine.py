@@ -10,6 +10,7 @@ written by inference come from the same code with the same settings:
       -> CAM / GradCAM++ / softmax map, max-normalised, with the slice's tumour probability
          (scripts.model.cams), optional fixed-view TTA
       -> gating: zero the map of a slice whose probability is not above `gate_threshold`
+         (`gate_source`: the network's own probability, or the mean over the networks)
       -> volumes (M, H, W, D), empty on slices without brain
       -> fusion over modalities (max or mean) -> mask = fused > `threshold`
 
@@ -28,7 +29,8 @@ from monai.inferers import Inferer, SliceInferer
 
 from scripts.common import MODALITIES
 from scripts.data.slices import slice_zscore
-from scripts.model.cams import DEFAULT_FUSION, FUSIONS, METHODS, TTA_CHOICES, _device_of, augmented_maps, binarise, fuse_maps, gate_maps
+from scripts.model.cams import (DEFAULT_FUSION, DEFAULT_GATE_SOURCE, FUSIONS, GATE_SOURCES, METHODS, TTA_CHOICES, _device_of,
+                                augmented_maps, binarise, fuse_maps, gate_maps, gate_probabilities)
 from scripts.precision import autocast, resolve_precision
 from scripts.runtime import as_flag
 from scripts.workflows.options import UNIT_INTERVAL, check_choice, check_unit_interval
@@ -113,6 +115,8 @@ class MapEngine:
         gate_threshold: tumour probability a slice must exceed to keep its map (0.5 = argmax).
         fusion: "max" (the paper) or "mean" over the modalities.
         threshold: binarisation threshold of the fused map (mask = fused > threshold).
+        gate_source: "own" (each network's gate follows its own slice probability) or "mean"
+            (every gate follows the mean probability of the networks that run).
         tta: None, "flips" or "flips_rot90" (fixed views, inverted exactly).
         slice_batch_size: slices per forward.
         precision: auto | bf16 | fp16 | fp32 autocast of the networks (scripts.precision);
@@ -125,16 +129,18 @@ class MapEngine:
     def __init__(self, method: str = "cam", gate: bool = True, gate_threshold: float = 0.5, fusion: str = DEFAULT_FUSION,
                  threshold: float = 0.5, tta: str | None = None, slice_batch_size: int = 32,
                  precision: str | None = None, slice_normalization: str | None = "none",
-                 inferer: Inferer | None = None):
+                 inferer: Inferer | None = None, gate_source: str = DEFAULT_GATE_SOURCE):
         # the rules of scripts.workflows.options: the configs check the same values in `initialize`
         check_choice("method", method, METHODS)
         check_choice("tta", tta, TTA_CHOICES)
         check_choice("fusion", fusion, FUSIONS)
+        check_choice("gate_source", gate_source, GATE_SOURCES)
         slice_normalization = slice_normalization or "none"
         check_choice("slice_normalization", slice_normalization, SLICE_NORMALIZATIONS)
         # as_flag: `--gate false` arrives as the string 'false', which bool() would read as True
         self.method, self.gate = method, as_flag(gate, "gate")
         self.gate_threshold = check_unit_interval("gate_threshold", gate_threshold, UNIT_INTERVAL["gate_threshold"])
+        self.gate_source = gate_source
         self.fusion, self.tta = fusion, tta
         self.threshold = check_unit_interval("threshold", threshold, UNIT_INTERVAL["threshold"])
         self.slice_batch_size = int(slice_batch_size)
@@ -152,9 +158,13 @@ class MapEngine:
             maps, probs = [], []
             for k, net in enumerate(nets):
                 m, p = augmented_maps(net, x[:, k:k + 1], self.method, self.tta, self.slice_batch_size)
-                maps.append(gate_maps(m, p, self.gate_threshold) if self.gate else m)
-                probs.append(p[:, None, None].expand_as(m))
-            return torch.stack(maps + probs, dim=1)
+                maps.append(m)
+                probs.append(p)
+            if self.gate:  # every network's probability is known before any gate opens (gate_source: mean)
+                opens = gate_probabilities(torch.stack(probs), self.gate_source)
+                maps = [gate_maps(m, o, self.gate_threshold) for m, o in zip(maps, opens)]
+            spread = [p[:, None, None].expand_as(m) for m, p in zip(maps, probs)]  # each network's own
+            return torch.stack(maps + spread, dim=1)
 
         return slice_maps
 

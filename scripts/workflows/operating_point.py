@@ -204,7 +204,7 @@ def read_operating_point(ckpt_path) -> dict | None:
     return point
 
 
-def recorded_threshold(ckpt_path, fusion: str = "mean", default: float = 0.5) -> float:
+def recorded_threshold(ckpt_path, fusion: str = "mean", default: float = 0.5, gate_source: str = "own") -> float:
     """The binarisation threshold recorded for `fusion` beside the checkpoint, else `default`.
 
     The default of configs/inference.yaml's `threshold` (a `--threshold` given on the command line
@@ -214,8 +214,14 @@ def recorded_threshold(ckpt_path, fusion: str = "mean", default: float = 0.5) ->
         ckpt_path: the checkpoint.
         fusion: the fusion inference uses (each fusion has its own recorded threshold).
         default: the threshold without a record for these weights and this fusion.
+        gate_source: the gate inference uses; a record chosen under another gate is not used (records
+            written before the option existed were chosen under "own").
     """
     point = read_operating_point(ckpt_path)
+    if point is not None and point.get("gate_source", "own") != gate_source:
+        logger.info("threshold %g (the operating point of %s was chosen with gate_source %s, not %s)", default,
+                    ckpt_path, point.get("gate_source", "own"), gate_source)
+        return float(default)
     entry = (point or {}).get("fusions", {}).get(fusion)
     if entry is None and point is not None and len(point.get("fusions") or {}) == 0:
         entry = point  # a one-map model: its map's threshold

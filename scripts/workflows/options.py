@@ -15,13 +15,14 @@ import math
 
 import torch
 
-from scripts.model.cams import FUSIONS, METHODS, TTA_CHOICES
+from scripts.model.cams import FUSIONS, GATE_SOURCES, METHODS, TTA_CHOICES
 from scripts.precision import PRECISIONS
 from scripts.runtime import BundleError, as_flag
 
 CHOICES: dict[str, tuple] = {
     "method": METHODS,
     "fusion": FUSIONS,
+    "gate_source": GATE_SOURCES,
     "tta": TTA_CHOICES,
     "precision": PRECISIONS,
     "serve": ("cam", "stage2", "both"),

@@ -14,7 +14,7 @@ from monai.engines import Evaluator
 from monai.metrics import compute_dice
 from monai.utils import CommonKeys as Keys
 
-from scripts.model.cams import DEFAULT_FUSION, binarise
+from scripts.model.cams import DEFAULT_FUSION, DEFAULT_GATE_SOURCE, binarise
 from scripts.precision import resolve_precision, to_memory_format
 from scripts.runtime import as_flag
 from scripts.workflows.map_engine import MapEngine
@@ -51,12 +51,14 @@ class CAMValidator(Evaluator):
         gate_threshold: tumour probability a slice must exceed to keep its map.
         fusion: "max" or "mean" over the modalities.
         slice_normalization: the training slices' per-slice normalisation ("none" | "zscore").
+        gate_source: whose slice probability opens a network's gate: "own" or "mean" (MapEngine).
     """
 
     def __init__(self, device, val_data_loader, network, slice_batch_size: int = 32, threshold: float = 0.5,
                  gate: bool = True, map_kind: str = "cam", val_handlers=None, amp: bool = False,
                  precision: str | None = None, channels_last: bool = False, gate_threshold: float = 0.5,
-                 fusion: str = DEFAULT_FUSION, slice_normalization: str | None = "none"):
+                 fusion: str = DEFAULT_FUSION, slice_normalization: str | None = "none",
+                 gate_source: str = DEFAULT_GATE_SOURCE):
         if map_kind not in ("cam", "softmax"):
             raise ValueError(f"map_kind must be 'cam' or 'softmax', got {map_kind!r}")
         modalities = list(network.modalities)
@@ -75,7 +77,8 @@ class CAMValidator(Evaluator):
         # A fully supervised network's softmax maps are not gated (as before: gating is the CAM method's).
         self.engine = MapEngine(method=map_kind, gate=as_flag(gate, "gate") and map_kind == "cam", gate_threshold=gate_threshold,
                                 fusion=fusion, threshold=threshold, slice_batch_size=slice_batch_size,
-                                precision=self.precision, slice_normalization=slice_normalization)
+                                precision=self.precision, slice_normalization=slice_normalization,
+                                gate_source=gate_source)
 
     def _iteration(self, engine, batchdata: dict) -> dict:
         """One volume -> {"dsc/<map>": float, "acc/<modality>": float, Keys.PRED, "mask"}."""

@@ -201,6 +201,31 @@ def test_multimodal_gate_zeroes_slices_below_threshold(two_modality_model):
     assert ungated[~kept, 0].abs().max() > 0  # the gate, not the map, made it zero
 
 
+def test_mean_gate_source_opens_every_map_on_the_networks_mean_probability(two_modality_model):
+    """gate_source "mean": a slice keeps all its maps when the mean of the networks' probabilities is above
+    the threshold, and none otherwise, whatever a single network says (eager and scripted alike)."""
+    model = two_modality_model
+    torch.manual_seed(3)
+    x = torch.randn(6, 2, 24, 24)
+    with torch.no_grad():
+        ungated, probabilities = _manual_tumour_cams(model, x)
+        mean = probabilities.mean(dim=1)
+        threshold = float(mean.median())
+        model.gate, model.gate_threshold, model.gate_source = True, threshold, "mean"
+        try:
+            gated, scripted = model(x), torch.jit.script(model)(x)
+        finally:
+            model.gate, model.gate_threshold, model.gate_source = False, 0.5, "own"
+    kept = mean > threshold
+    assert 0 < int(kept.sum()) < len(kept)
+    assert ((probabilities > threshold) != kept[:, None]).any()  # some network alone would have decided otherwise
+    torch.testing.assert_close(gated[kept], ungated[kept])
+    assert gated[~kept].abs().max() == 0 and ungated[~kept].abs().max() > 0
+    torch.testing.assert_close(scripted, gated, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="gate_source"):
+        MultiModalCAM(["t1"], base_channels=4, gate_source="vote")
+
+
 def test_multimodal_scripts_and_matches_eager():
     torch.manual_seed(2)
     model = MultiModalCAM(["t1", "t1c", "t2"], base_channels=8, gate=True, gate_threshold=0.3).eval()

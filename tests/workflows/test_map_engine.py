@@ -79,7 +79,8 @@ def outputs_of(engine) -> list:
     return seen
 
 
-def test_validation_evaluation_and_inference_give_identical_masks(tmp_path, model_file):
+@pytest.mark.parametrize("gate_source", ["own", "mean"])
+def test_validation_evaluation_and_inference_give_identical_masks(tmp_path, model_file, gate_source):
     data = write_subject(tmp_path / "data")
     records = discover_subjects(data)
     network = load_model(model_file)
@@ -87,21 +88,28 @@ def test_validation_evaluation_and_inference_give_identical_masks(tmp_path, mode
     cache = VolumeCache(tmp_path / "cache", spatial_size=SIZE, spacing=SPACING)
     dataset = VolumeDataset(records, cache, MODALITIES)
 
+    from scripts.workflows.map_engine import MapEngine
     from scripts.workflows.validation import CAMValidator
 
+    gate_threshold = 0.5
+    if gate_source == "mean":  # random weights: a gate threshold that opens some slices and closes others
+        image = torch.as_tensor(cache.get(records[0])["image"])
+        gate_threshold = float(MapEngine(gate=False)(network, image).probabilities.mean(0).median())
     # max fusion: these random weights' maps rarely agree, and the test is that the three paths agree
-    validator = CAMValidator("cpu", DataLoader(dataset, batch_size=1), network, fusion="max")
+    validator = CAMValidator("cpu", DataLoader(dataset, batch_size=1), network, fusion="max", gate_source=gate_source,
+                             gate_threshold=gate_threshold)
     validated = outputs_of(validator)
     validator.run()
-    evaluator = CAMMapEvaluator("cpu", DataLoader(dataset, batch_size=1, collate_fn=no_collation), network, fusion="max")
+    evaluator = CAMMapEvaluator("cpu", DataLoader(dataset, batch_size=1, collate_fn=no_collation), network, fusion="max",
+                                gate_source=gate_source, gate_threshold=gate_threshold)
     evaluated = outputs_of(evaluator)
     evaluator.run()
     # inference from the files, through configs/inference.yaml with nothing but the checkpoint:
     # the mask before Invertd is on the model's grid, the one the cache holds
     wf = ConfigWorkflow(config_file=INFER, meta_file=META, workflow_type="infer", bundle_root=str(REPO),
                         dataset_dir=str(data), output_dir=str(tmp_path / "out"), ckpt_path=str(model_file),
-                        device="$torch.device('cpu')", precision="fp32", fusion="max",  # as the validator's
-                        postprocessing="$None", handlers=["@checkpoint_loader"],
+                        device="$torch.device('cpu')", precision="fp32", fusion="max", gate_source=gate_source,
+                        gate_threshold=gate_threshold, postprocessing="$None", handlers=["@checkpoint_loader"],
                         inference=["$scripts.workflows.inference.run_engine(@evaluator)"])
     wf.initialize()
     inferred = outputs_of(wf.evaluator)
@@ -200,6 +208,26 @@ def test_brats_geometry_at_1mm_keeps_the_whole_brain(phantoms):
     kept_mm3 = brain.sum() * 27.0
     source_mm3 = float((np.asarray(source.dataobj) != 0).sum())
     assert abs(kept_mm3 - source_mm3) / source_mm3 < 0.05
+
+
+def test_mean_gate_source_gates_every_map_on_the_mean_probability(tmp_path, model_file):
+    """The engine's `gate_source: mean` keeps a slice's maps where the networks' mean probability is above
+    the gate threshold (each network's own probability is still what it reports), and a wrong value is one line."""
+    from scripts.workflows.map_engine import MapEngine
+    from scripts.workflows.options import OptionError
+
+    network = load_model(model_file)
+    volume = torch.randn(4, *SIZE, 6)
+    raw = MapEngine(gate=False, fusion="max")(network, volume, brain=torch.ones(6, dtype=torch.bool))
+    threshold = float(raw.probabilities.mean(0).median())
+    mean = MapEngine(gate_source="mean", gate_threshold=threshold, fusion="max")(network, volume,
+                                                                                 brain=torch.ones(6, dtype=torch.bool))
+    opens = raw.probabilities.mean(0) > threshold
+    assert 0 < int(opens.sum()) < 6
+    torch.testing.assert_close(mean.maps, raw.maps * opens.to(raw.maps.dtype))
+    torch.testing.assert_close(mean.probabilities, raw.probabilities)
+    with pytest.raises(OptionError, match="--gate_source must be one of own, mean"):
+        MapEngine(gate_source="vote")
 
 
 def test_gate_from_the_command_line_is_read_as_a_flag():

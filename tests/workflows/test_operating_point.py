@@ -64,6 +64,18 @@ def test_the_record_lives_beside_the_weights_and_is_ignored_for_other_weights(tm
     assert op.read_operating_point(ckpt) is None and op.recorded_threshold(ckpt, "mean", 0.5) == 0.5
 
 
+def test_a_record_chosen_under_another_gate_source_is_not_used(tmp_path):
+    ckpt = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(2)}, ckpt)
+    point = op.choose_operating_point({"fused": curve(0.3)}, "mean")
+    op.write_operating_point(ckpt, point)  # a record without gate_source: chosen under "own"
+    assert op.recorded_threshold(ckpt, "mean", 0.5, "own") == pytest.approx(0.3)
+    assert op.recorded_threshold(ckpt, "mean", 0.5, "mean") == 0.5
+    op.write_operating_point(ckpt, {**point, "gate_source": "mean"})
+    assert op.recorded_threshold(ckpt, "mean", 0.5, "mean") == pytest.approx(0.3)
+    assert op.recorded_threshold(ckpt, "mean", 0.5, "own") == 0.5
+
+
 def test_inference_threshold_defaults_to_the_record_and_the_command_line_wins(tmp_path):
     ckpt = tmp_path / "model.pt"
     torch.save({"w": torch.ones(2)}, ckpt)
