@@ -22,8 +22,7 @@ from monai.networks.nets.resnet import ResNet
 
 from scripts.common import TUMOUR_CHANNEL
 # The one normaliser / slice probability / gate (re-exported here for the network's users).
-from scripts.model.cams import (DEFAULT_GATE_SOURCE, GATE_SOURCES, gate_maps, gate_probabilities, max_normalise,  # noqa: F401
-                                parse_pooling, tumour_probability)
+from scripts.model.cams import DEFAULT_GATE_SOURCE, GATE_SOURCES, gate_maps, max_normalise, parse_pooling, tumour_probability
 from scripts.runtime import BundleError
 
 BACKBONES = ("unet", "deeplab")
@@ -292,23 +291,16 @@ class MultiModalCAM(torch.nn.Module):
         for net in self.nets:
             net.cam_pooling, net.cam_topk_fraction = self.pool_kind, self.pool_fraction
 
-    def _tumour_map(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 2, H, W) raw maps -> (B, H, W) normalised tumour map and (B,) tumour probability."""
-        maps = maps.float()  # the normaliser and softmax in float32, also under autocast
-        cam = max_normalise(maps)[:, self.tumour_channel]
-        probability = tumour_probability(maps, self.tumour_channel, self.pool_kind, self.pool_fraction)
-        return cam, probability
-
     def gated_maps(self, x: torch.Tensor) -> torch.Tensor:
         """(B, K, H, W) slices -> (B, K, H, W) tumour maps, gated as configured (class docstring)."""
         if x.shape[1] != len(self.nets):
             raise ValueError(f"expected {len(self.nets)} modality channels, got {x.shape[1]}")
         cams: list[torch.Tensor] = []
         probabilities: list[torch.Tensor] = []
-        for index, net in enumerate(self.nets):  # TorchScript: a loop over the ModuleList, no helper call
-            cam, probability = self._tumour_map(net(x[:, index : index + 1]))
-            cams.append(cam)
-            probabilities.append(probability)
+        for index, net in enumerate(self.nets):  # TorchScript: a loop over the ModuleList
+            raw = net(x[:, index : index + 1]).float()  # the normaliser and softmax in float32, also under autocast
+            cams.append(max_normalise(raw)[:, self.tumour_channel])
+            probabilities.append(tumour_probability(raw, self.tumour_channel, self.pool_kind, self.pool_fraction))
         maps = torch.stack(cams, dim=1)
         if not self.gate:
             return maps
