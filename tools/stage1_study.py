@@ -115,6 +115,26 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "cam_preset": ("configs/methods/cam.yaml: L_C only, one view (no transforms), the default's pooling",
                    ["--objective#use_er", "false", "--objective#use_kd", "false", "--objective#use_cmer", "false",
                     "--transforms#kinds", "[]", "--method_preset", "cam"]),
+    "canvas72": ("a 72 x 72 in-plane canvas instead of 80 x 80 (19 % fewer FLOPs per slice; the phantom's brains "
+                 "span at most 69 pixels at 3 mm): issue 32; the default since 2026-12-08 (a no-op on it)",
+                 ["--spatial_size", "[72, 72]"]),
+    "canvas72_half": ("canvas72 + 480 slices per epoch (30 steps, half the default's) + validation every second "
+                      "epoch: the cheaper recipe sized for 10 min of training on a 2-core AVX2 CPU (issue 32)",
+                      ["--spatial_size", "[72, 72]", "--max_slices_per_epoch", "480", "--val_interval", "2"]),
+    "lesion_random": ("the default + the lesion step of domain randomisation alone: per tumour slice and modality "
+                      "(probability 0.5) the tumour's contrast (log-gain sd 0.4) and fine texture (x 0-1) redrawn "
+                      "apart from the tissues'; every other randomisation off (issue 31)",
+                      ["--domain_randomisation#enabled", "true", "--domain_randomisation#anatomy_prob", "0.0",
+                       "--domain_randomisation#contrast_prob", "0.0", "--domain_randomisation#bias_prob", "0.0",
+                       "--domain_randomisation#lowres_prob", "0.0", "--domain_randomisation#blur_prob", "0.0",
+                       "--domain_randomisation#noise_prob", "0.0", "--domain_randomisation#lesion_prob", "0.5"]),
+    "lesion_texture": ("as lesion_random with the tumour's contrast kept (lesion_contrast_log_std 0): only its fine "
+                       "texture redrawn (x 0-1), per tumour slice and modality with probability 0.5 (issue 31)",
+                       ["--domain_randomisation#enabled", "true", "--domain_randomisation#anatomy_prob", "0.0",
+                        "--domain_randomisation#contrast_prob", "0.0", "--domain_randomisation#bias_prob", "0.0",
+                        "--domain_randomisation#lowres_prob", "0.0", "--domain_randomisation#blur_prob", "0.0",
+                        "--domain_randomisation#noise_prob", "0.0", "--domain_randomisation#lesion_prob", "0.5",
+                        "--domain_randomisation#lesion_contrast_log_std", "0.0"]),
     "topk01_mean": ("top-k pooling (1 %) + mean fusion (validation, model selection)",
                     ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--fusion", "mean"]),
 }

@@ -13,9 +13,15 @@ the tumour, not the phantom:
     bias         a smooth multiplicative field
     resolution   a lower acquisition resolution (area down-sampling, bilinear back), then a blur
     noise        Rician noise on magnitudes
+    lesion       the tumour's own contrast and texture, redrawn apart from the tissues': its local
+                 mean's distance from the brain's mean is scaled, its fine texture (the residual
+                 about that mean) is damped or kept, per slice and modality (real tumours are
+                 smoother than their brain at 3 mm, the phantom's rougher: docs/recipe.md,
+                 "Real scans"; `python -m tools.texture_ratio` measures it)
 
 These are MONAI's RandAffine / Rand2DElastic, RandHistogramShift, RandAdjustContrast,
-RandBiasField, RandSimulateLowResolution, RandGaussianSmooth and RandRicianNoise, written here
+RandBiasField, RandSimulateLowResolution, RandGaussianSmooth and RandRicianNoise (the lesion step has
+no MONAI counterpart: it needs the tumour mask, which MONAI's intensity transforms do not take), written here
 in batched torch because MONAI's run per item: measured on a quiet 2-core Zen 4 (fp32), MONAI's
 chain costs 17.6 ms per 80 x 80 slice of four modalities, 280 ms per batch of 16 (about 20 % of a
 training step), the batched version 28 ms per batch (about 2 %).
@@ -45,6 +51,18 @@ from torch.utils.data import default_collate
 EPS = 1e-6
 CONTROL_POINTS = 8  # knots of the random intensity curve over the brain's [0, 1] range
 BIAS_GRID = 4  # the bias field is a 4 x 4 grid of log-gains, bicubic to the slice (smooth, low order)
+LESION_MEAN_SIGMA = 3.0  # pixels: the tumour's local mean; finer than this is its texture (tools/texture_ratio scales)
+LESION_FEATHER_SIGMA = 1.0  # pixels: the redrawn tumour blends into its surroundings (no new edge)
+
+
+def _gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (N, H, W) with zero padding (callers divide by the smoothed support)."""
+    radius = int(math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    y = F.conv2d(x[:, None], kernel.reshape(1, 1, 1, -1), padding=(0, radius))
+    return F.conv2d(y, kernel.reshape(1, 1, -1, 1), padding=(radius, 0))[:, 0]
 
 
 def _uniform(generator: torch.Generator, shape, low: float, high: float) -> torch.Tensor:
@@ -76,6 +94,12 @@ class BatchRandomiser:
         blur_sigma: range of the blur's sigma, pixels.
         noise_prob: probability, per slice and modality, of Rician noise.
         noise_std: largest noise standard deviation, relative to the brain's intensity range.
+        lesion_prob: probability, per tumour slice and modality, that the tumour's contrast and
+            texture are redrawn (0 = never: the tumour as rendered).
+        lesion_contrast_log_std: standard deviation of the log-gain on the tumour's local mean's
+            distance from the brain's mean (0 = its contrast kept).
+        lesion_texture: range of the factor on the tumour's fine texture (0 = smooth, 1 = as
+            rendered).
     """
 
     def __init__(self, enabled: bool = True, anatomy_prob: float = 0.5, rotate_deg: float = 15.0, scale: float = 0.2,
@@ -83,16 +107,23 @@ class BatchRandomiser:
                  contrast_strength: float = 0.5, gamma_log_std: float = 0.3, bias_prob: float = 0.5,
                  bias_log_std: float = 0.3, lowres_prob: float = 0.3, lowres_zoom: Sequence[float] = (0.5, 1.0),
                  blur_prob: float = 0.3, blur_sigma: Sequence[float] = (0.3, 1.0), noise_prob: float = 0.3,
-                 noise_std: float = 0.05):
+                 noise_std: float = 0.05, lesion_prob: float = 0.0, lesion_contrast_log_std: float = 0.4,
+                 lesion_texture: Sequence[float] = (0.0, 1.0)):
         from scripts.runtime import as_flag
 
         probabilities = dict(anatomy_prob=anatomy_prob, contrast_prob=contrast_prob, bias_prob=bias_prob,
-                             lowres_prob=lowres_prob, blur_prob=blur_prob, noise_prob=noise_prob)
+                             lowres_prob=lowres_prob, blur_prob=blur_prob, noise_prob=noise_prob,
+                             lesion_prob=lesion_prob)
         for name, value in probabilities.items():
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"domain_randomisation#{name} is a probability in [0, 1], got {value!r}")
         if not 0.0 < float(lowres_zoom[0]) <= float(lowres_zoom[1]) <= 1.0:
             raise ValueError(f"domain_randomisation#lowres_zoom is a range within (0, 1], got {lowres_zoom!r}")
+        if not 0.0 <= float(lesion_texture[0]) <= float(lesion_texture[1]):
+            raise ValueError(f"domain_randomisation#lesion_texture is a range of factors >= 0, got {lesion_texture!r}")
+        if float(lesion_contrast_log_std) < 0:
+            raise ValueError("domain_randomisation#lesion_contrast_log_std is a standard deviation >= 0, "
+                             f"got {lesion_contrast_log_std!r}")
         self.enabled = as_flag(enabled, "domain_randomisation#enabled")
         self.anatomy_prob, self.rotate = float(anatomy_prob), math.radians(float(rotate_deg))
         self.scale, self.elastic_pixels, self.elastic_grid = float(scale), float(elastic_pixels), int(elastic_grid)
@@ -102,6 +133,8 @@ class BatchRandomiser:
         self.lowres_prob, self.lowres_zoom = float(lowres_prob), (float(lowres_zoom[0]), float(lowres_zoom[1]))
         self.blur_prob, self.blur_sigma = float(blur_prob), (float(blur_sigma[0]), float(blur_sigma[1]))
         self.noise_prob, self.noise_std = float(noise_prob), float(noise_std)
+        self.lesion_prob, self.lesion_contrast_log_std = float(lesion_prob), float(lesion_contrast_log_std)
+        self.lesion_texture = (float(lesion_texture[0]), float(lesion_texture[1]))
 
     # ----------------------------------------------------------------------------- anatomy
 
@@ -176,6 +209,34 @@ class BatchRandomiser:
         real = u + std * torch.randn(u.shape, generator=g)
         return torch.sqrt(real ** 2 + (std * torch.randn(u.shape, generator=g)) ** 2)
 
+    def _lesion(self, g: torch.Generator, image: torch.Tensor, mask: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+        """The tumour's contrast and texture redrawn per chosen (slice, modality) of (B, K, H, W).
+
+        Inside the brain, x = m + r with m the local mean (Gaussian of LESION_MEAN_SIGMA pixels over
+        brain voxels only) and r the fine residual; in the tumour, m's distance from the brain's
+        mean is multiplied by exp(N(0, lesion_contrast_log_std)) and r by U(lesion_texture), blended
+        in with the tumour mask feathered over LESION_FEATHER_SIGMA pixels. The tissues around the
+        tumour, the mask and the label are not touched.
+        """
+        if self.lesion_prob == 0:  # no draws either: runs without the step keep their random streams
+            return image
+        b, k, h, w = image.shape
+        n = b * k
+        x = image.reshape(n, h, w)
+        inside = brain[:, None].expand(b, k, h, w).reshape(n, h, w).float()
+        tumour = (mask > 0.5).float().expand(b, k, h, w).reshape(n, h, w) * inside
+        chosen = _chosen(g, (n,), self.lesion_prob) & (tumour.flatten(1).amax(1) > 0)
+        gain = torch.exp(self.lesion_contrast_log_std * torch.randn((n, 1, 1), generator=g))
+        texture = _uniform(g, (n, 1, 1), *self.lesion_texture)
+        if not bool(chosen.any()):
+            return image
+        local = _gaussian_smooth(x * inside, LESION_MEAN_SIGMA) / _gaussian_smooth(inside, LESION_MEAN_SIGMA).clamp_min(EPS)
+        brain_mean = ((x * inside).sum((1, 2)) / inside.sum((1, 2)).clamp_min(1))[:, None, None]
+        redrawn = brain_mean + gain * (local - brain_mean) + texture * (x - local)
+        # feathered inward only: the tumour's rim blends, the tissue outside stays as rendered
+        weight = _gaussian_smooth(tumour, LESION_FEATHER_SIGMA).clamp(0, 1) * tumour * chosen[:, None, None].float()
+        return (x + weight * (redrawn - x)).reshape(b, k, h, w)
+
     def _intensities(self, g: torch.Generator, image: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
         """Every (slice, modality) of (B, K, H, W): randomised in the brain, same brain mean / std, background 0."""
         b, k, h, w = image.shape
@@ -205,7 +266,7 @@ class BatchRandomiser:
         g = torch.Generator().manual_seed(int(seed))
         image, mask = self._move(g, batch["image"].float(), batch["mask"].float())
         brain = (image != 0).any(dim=1)
-        image = self._intensities(g, image, brain)
+        image = self._intensities(g, self._lesion(g, image, mask, brain), brain)
         mask = (mask > 0.5).float() * brain[:, None]  # tumour exists only where the brain does
         label = mask.flatten(1).any(1).to(batch["label"].dtype)
         return {**batch, "image": image.contiguous(), "mask": mask, "label": label}

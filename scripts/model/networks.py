@@ -418,7 +418,7 @@ class ModelSettings:
 # Architecture defaults for tools that build `network_def` without any checkpoint (MONAI's
 # verify_net_in_out, export of random weights); a checkpoint's own settings always win.
 DEFAULT_SETTINGS = ModelSettings(modalities=["t1", "t1c", "t2", "flair"], backbone="unet", base_channels=16,
-                                 spacing=3.0, spatial_size=[80, 80], normalization="volume",
+                                 spacing=3.0, spatial_size=[72, 72], normalization="volume",
                                  slice_normalization="none", pooling="topk:0.01")
 
 

@@ -103,7 +103,7 @@ class Stage2Net(torch.nn.Module):
             raise BundleError(f"--stage2_network must be one of {list(NETWORKS)}, got {network!r}.")
         if spatial_size is not None and any(int(s) % DIVISOR for s in spatial_size):
             raise BundleError(f"stage 2 needs slice sides that are multiples of {DIVISOR}, got spatial_size "
-                              f"{list(spatial_size)}. Fix: train stage 1 with such a spatial_size (e.g. 80 x 80).")
+                              f"{list(spatial_size)}. Fix: train stage 1 with such a spatial_size (e.g. 72 x 72, the default).")
         b, k = int(base_channels), len(modalities)
         if network == "unet":
             self.net = UNet(spatial_dims=2, in_channels=k, out_channels=2, channels=(b, 2 * b, 4 * b, 8 * b),

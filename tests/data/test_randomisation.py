@@ -89,3 +89,53 @@ def test_train_yaml_wires_it_as_the_training_collate_and_the_preset_turns_it_off
     paper = ConfigParser()
     paper.read_config([str(ROOT / "configs/train.yaml"), str(ROOT / "configs/presets/brats2019.yaml")])
     assert paper["domain_randomisation"]["enabled"] is False
+
+
+def _textured_tumour_batch():
+    items, brain = _items(count=4, tumour_at=(30, 50))
+    for item in items[1::2]:  # tumour slices: a bright, speckled tumour in every modality
+        tumour = item["mask"][0] > 0
+        item["image"][:, tumour] += 3.0 + 2.0 * torch.randn((4, int(tumour.sum())), generator=torch.Generator().manual_seed(1))
+    return default_collate(items), brain
+
+
+def _residual_std(image, region):
+    import torch.nn.functional as F
+
+    local = F.avg_pool2d(image, 3, stride=1, padding=1)
+    return (image - local)[:, :, region].std(-1)
+
+
+def test_lesion_step_redraws_only_the_tumour_and_can_smooth_its_texture():
+    before, brain = _textured_tumour_batch()
+    only_lesion = dict(anatomy_prob=0.0, contrast_prob=0.0, bias_prob=0.0, lowres_prob=0.0, blur_prob=0.0,
+                       noise_prob=0.0, lesion_prob=1.0, lesion_contrast_log_std=0.0, lesion_texture=(0.0, 0.0))
+    after = BatchRandomiser(**only_lesion).randomise(before, 5)
+    tumour = before["mask"][1, 0] > 0
+    core = torch.zeros_like(tumour)
+    core[33:47, 33:47] = True  # away from the rim, where the feathering blends
+    healthy_change = (after["image"][0::2] - before["image"][0::2]).abs().amax()
+    outside = brain & ~tumour
+    assert healthy_change < 1e-3, "healthy slices carry no tumour: only the brain-moment restore may touch them"
+    assert torch.equal(after["label"], before["label"]) and torch.equal(after["mask"], before["mask"])
+    rough, smooth = _residual_std(before["image"][1::2], core), _residual_std(after["image"][1::2], core)
+    assert (smooth < 0.5 * rough).all(), f"texture factor 0 should smooth the tumour: {rough} -> {smooth}"
+    # the tissue outside the tumour moves only by the brain-moment restore (a shift and scale per slice)
+    diff = (after["image"][1::2] - before["image"][1::2])[:, :, outside]
+    assert diff.std(-1).amax() < 0.1 * before["image"][1::2][:, :, outside].std(-1).amin()
+
+
+def test_lesion_step_off_keeps_the_earlier_random_stream():
+    before, _ = _textured_tumour_batch()
+    plain = BatchRandomiser(lesion_prob=0.0).randomise(before, 9)
+    again = BatchRandomiser().randomise(before, 9)
+    assert torch.equal(plain["image"], again["image"])
+    changed = BatchRandomiser(lesion_prob=1.0).randomise(before, 9)
+    assert not torch.equal(plain["image"], changed["image"])
+
+
+@pytest.mark.parametrize("bad", [{"lesion_prob": 2.0}, {"lesion_texture": [1.0, 0.5]},
+                                 {"lesion_contrast_log_std": -1.0}])
+def test_bad_lesion_settings_are_refused(bad):
+    with pytest.raises(ValueError, match="domain_randomisation#"):
+        BatchRandomiser(**bad)

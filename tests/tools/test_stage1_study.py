@@ -81,3 +81,16 @@ def test_each_network_is_also_reported_at_its_own_best_epoch():
     table = study.report([record])
     row = next(line for line in table.splitlines() if line.startswith("| a | fp32 |") and "->" in line)
     assert "10.0 -> 50.0 (1)" in row  # at the fused-best epoch 2 T1 had 10 %, at its own epoch 1 50 %
+
+
+def test_every_candidate_overrides_settings_that_train_yaml_has():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(study.BUNDLE_ROOT / "configs" / "train.yaml"))
+    for name, (_, overrides) in study.CANDIDATES.items():
+        keys = overrides[0::2]
+        assert all(key.startswith("--") for key in keys), f"{name}: overrides are --key value pairs: {overrides}"
+        for key in keys:
+            path = key[2:]
+            assert path in parser, f"candidate {name}: configs/train.yaml has no {path!r}"
