@@ -52,13 +52,31 @@ def texture_ratios(image: np.ndarray, truth: np.ndarray) -> dict[str, dict[str, 
     return out
 
 
-def measure(data: str, spacing: float = 3.0, limit: int | None = None) -> dict:
+def with_lesion_texture(image, truth, factor: float):
+    """The volume (K, H, W, D) after the training's lesion step at a fixed texture factor, contrast kept, on every
+    tumour slice (scripts/data/randomisation.py): what the networks see when `lesion_texture` draws `factor`."""
+    import torch
+
+    from scripts.data.randomisation import BatchRandomiser
+
+    step = BatchRandomiser(anatomy_prob=0.0, contrast_prob=0.0, bias_prob=0.0, lowres_prob=0.0, blur_prob=0.0,
+                           noise_prob=0.0, lesion_prob=1.0, lesion_contrast_log_std=0.0,
+                           lesion_texture=(float(factor), float(factor)))
+    slices = torch.as_tensor(image).permute(3, 0, 1, 2).contiguous().float()  # (D, K, H, W)
+    mask = torch.as_tensor(truth).permute(2, 0, 1)[:, None].float()
+    batch = {"image": slices, "mask": mask, "label": mask.flatten(1).any(1).long()}
+    return step.randomise(batch, 0)["image"].permute(1, 2, 3, 0).numpy()
+
+
+def measure(data: str, spacing: float = 3.0, limit: int | None = None, lesion_texture: float | None = None) -> dict:
     """Ratios of every subject with a segmentation under `data` (any layout the bundle reads).
 
     Args:
         data: a dataset folder or datalist JSON.
         spacing: voxel size (mm) to resample to, as a model trained at that spacing sees the scans.
         limit: only the first `limit` subjects with a segmentation.
+        lesion_texture: measure after the training's lesion step at this texture factor (`with_lesion_texture`);
+            None = the data as it is.
 
     Returns {"subjects": {id: {modality: {"res", "band"}}}, "summary": {modality: {ratio: [median, min, max]}}}.
     """
@@ -71,7 +89,10 @@ def measure(data: str, spacing: float = 3.0, limit: int | None = None) -> dict:
     subjects = {}
     for record in records:
         prepared = prepare_case(record, settings)
-        ratios = texture_ratios(prepared["image"].numpy(), prepared["truth"].numpy())
+        image = prepared["image"].numpy()
+        if lesion_texture is not None:
+            image = with_lesion_texture(image, prepared["truth"].numpy(), lesion_texture)
+        ratios = texture_ratios(image, prepared["truth"].numpy())
         if ratios is None:
             continue
         names = prepared["modalities"]
@@ -83,7 +104,8 @@ def measure(data: str, spacing: float = 3.0, limit: int | None = None) -> dict:
         values = {name: [s[modality][name] for s in subjects.values() if modality in s] for name in ("res", "band")}
         if values["res"]:
             summary[modality] = {name: [float(np.median(v)), float(min(v)), float(max(v))] for name, v in values.items()}
-    return {"data": str(data), "spacing": float(spacing), "subjects": subjects, "summary": summary}
+    return {"data": str(data), "spacing": float(spacing), "lesion_texture": lesion_texture, "subjects": subjects,
+            "summary": summary}
 
 
 def main(argv=None) -> int:
@@ -91,12 +113,14 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="dataset folder (any supported layout) or datalist JSON")
     parser.add_argument("--spacing", type=float, default=3.0, help="voxel size (mm) to resample to (default 3)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N subjects with a segmentation")
+    parser.add_argument("--lesion-texture", type=float, default=None, metavar="FACTOR",
+                        help="measure after the training's lesion step with this texture factor (0 = smooth, 1 = as is)")
     parser.add_argument("--out", help="also write the ratios as JSON here")
     args = parser.parse_args(argv)
     from scripts.data.subjects import DataError
 
     try:
-        result = measure(args.data, args.spacing, args.limit)
+        result = measure(args.data, args.spacing, args.limit, args.lesion_texture)
     except DataError as error:  # its message ends with the fix
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -42,3 +42,13 @@ def test_cli_on_a_small_phantom_and_a_folder_without_segmentations(tmp_path, cap
     (tmp_path / "empty").mkdir()
     assert main(["--data", str(tmp_path / "empty")]) == 2
     assert "Fix:" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_the_lesion_step_at_factor_zero_smooths_the_tumour_and_one_keeps_it():
+    from tools.texture_ratio import with_lesion_texture
+
+    image, truth = _brain_with_tumour(tumour_noise=1.5)
+    rough = texture_ratios(image, truth)[0]["res"]
+    kept = texture_ratios(with_lesion_texture(image, truth, 1.0), truth)[0]["res"]
+    smooth = texture_ratios(with_lesion_texture(image, truth, 0.0), truth)[0]["res"]
+    assert abs(kept - rough) < 0.25 * rough and smooth < 0.5 * rough
