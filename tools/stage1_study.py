@@ -43,6 +43,11 @@ from scripts.common import MODALITIES, atomic_write_json, atomic_write_text
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 MAPS = (*MODALITIES, "fused")
 
+# The lesion step of domain randomisation alone (probability 0.5), every other randomisation off (issue 31).
+_LESION_ONLY = ["--domain_randomisation#enabled", "true"] + [
+    item for name in ("anatomy", "contrast", "bias", "lowres", "blur", "noise")
+    for item in (f"--domain_randomisation#{name}_prob", "0.0")] + ["--domain_randomisation#lesion_prob", "0.5"]
+
 # name -> (what it changes, overrides of configs/train.yaml as command-line pairs). The
 # overrides are applied to the current configs/train.yaml: records keep them and the commit.
 CANDIDATES: dict[str, tuple[str, list[str]]] = {
@@ -124,17 +129,10 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "lesion_random": ("the default + the lesion step of domain randomisation alone: per tumour slice and modality "
                       "(probability 0.5) the tumour's contrast (log-gain sd 0.4) and fine texture (x 0-1) redrawn "
                       "apart from the tissues'; every other randomisation off (issue 31)",
-                      ["--domain_randomisation#enabled", "true", "--domain_randomisation#anatomy_prob", "0.0",
-                       "--domain_randomisation#contrast_prob", "0.0", "--domain_randomisation#bias_prob", "0.0",
-                       "--domain_randomisation#lowres_prob", "0.0", "--domain_randomisation#blur_prob", "0.0",
-                       "--domain_randomisation#noise_prob", "0.0", "--domain_randomisation#lesion_prob", "0.5"]),
+                      _LESION_ONLY),
     "lesion_texture": ("as lesion_random with the tumour's contrast kept (lesion_contrast_log_std 0): only its fine "
                        "texture redrawn (x 0-1), per tumour slice and modality with probability 0.5 (issue 31)",
-                       ["--domain_randomisation#enabled", "true", "--domain_randomisation#anatomy_prob", "0.0",
-                        "--domain_randomisation#contrast_prob", "0.0", "--domain_randomisation#bias_prob", "0.0",
-                        "--domain_randomisation#lowres_prob", "0.0", "--domain_randomisation#blur_prob", "0.0",
-                        "--domain_randomisation#noise_prob", "0.0", "--domain_randomisation#lesion_prob", "0.5",
-                        "--domain_randomisation#lesion_contrast_log_std", "0.0"]),
+                       _LESION_ONLY + ["--domain_randomisation#lesion_contrast_log_std", "0.0"]),
     "topk01_mean": ("top-k pooling (1 %) + mean fusion (validation, model selection)",
                     ["--cam_pooling", "topk", "--topk_fraction", "0.01", "--fusion", "mean"]),
 }
